@@ -1,0 +1,54 @@
+# One target per habit; CI runs the same targets (see .ci/run).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install up test test-unit test-integration test-e2e lint typecheck fmt bench demo-model compose-check clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# No NVIDIA driver: take the CPU build of torch (a plain `torch` would pull several GB of CUDA).
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	 else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[worker,ops,dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)  ## venv with the project, torch and dev tools
+
+up: $(STAMP)  ## the whole stack locally: Redis, one worker, the API on :8000, Flower on :5555
+	$(BIN)/python ops/run_local.py
+
+test: $(STAMP)  ## every tier: unit, integration, e2e
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -m e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## engine and fleet benchmark; writes docs/benchmarks.md
+	$(BIN)/python ops/bench.py
+
+demo-model: $(STAMP)  ## rebuild worker/demo_model from scratch (a few minutes on 2 cores)
+	$(BIN)/python ops/build_demo_model.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,56 @@
+"""Request-scoped dependencies: settings, the shared clients built at start-up, and auth."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.errors import APIError
+from guardfleet.settings import Settings
+from guardfleet.store import AsyncJobStore
+
+
+@dataclass
+class Resources:
+    """Built once in the app's lifespan and shared by all requests."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    store: AsyncJobStore
+    celery: Celery
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_api_key(
+    resources: ResourcesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    keys = resources.settings.api_keys
+    if not keys:
+        return
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise APIError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+            headers=challenge,
+        )
+    offered = credentials.credentials.encode()
+    if not any(secrets.compare_digest(offered, key.encode()) for key in keys):
+        raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)

@@ -1,0 +1,133 @@
+"""One error envelope for every 4xx/5xx, OpenAI style:
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+
+Validation errors name the offending field in `param`; malformed JSON is a 400; Redis being
+unreachable is a 503; anything unexpected is a 500 in the same shape (and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.code = code
+        self.param = param
+        self.extra = extra or {}
+        self.headers = headers
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "error": {
+            "message": message,
+            "type": _TYPE_BY_STATUS.get(status_code, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+    body.update(extra or {})
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return error_response(
+        exc.status_code,
+        exc.message,
+        code=exc.code,
+        param=exc.param,
+        extra=exc.extra,
+        headers=exc.headers,
+    )
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error", "")
+        return error_response(
+            400, f"request body is not valid JSON: {reason}".rstrip(": "), code="invalid_json"
+        )
+    messages = [f"{_location(e['loc'])}: {e['msg']}" for e in errors]
+    return error_response(
+        422, "; ".join(messages), code="invalid_value", param=_location(errors[0]["loc"])
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable: %s", exc)
+    return error_response(
+        503, f"the job queue (Redis) is unavailable: {exc}", code="queue_unavailable"
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal server error", code="internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _broker_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _broker_down)
+    app.add_exception_handler(OperationalError, _broker_down)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,91 @@
+"""Submitting jobs and waiting for them: the API's side of the job contract."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Resources
+from api.errors import APIError
+from guardfleet.keys import TASK_RUN_JOB, job_channel
+from guardfleet.queueing import queue_for
+from guardfleet.schemas import ChatInput, ClassifyRequest, Job, JobError, JobStatus, utcnow
+from guardfleet.store import TransitionRefused
+
+log = logging.getLogger(__name__)
+
+# Re-read the record this often while waiting, in case a pub/sub message was missed (e.g. the
+# waiter's connection blipped); events make the common case immediate.
+_RECHECK_S = 2.0
+
+
+async def submit(res: Resources, request: ClassifyRequest | ChatInput, interactive: bool) -> Job:
+    metadata = request.metadata if isinstance(request, ClassifyRequest) else None
+    job = Job(request=request, metadata=metadata)
+    await res.store.create(job)
+    try:
+        await run_in_threadpool(
+            res.celery.send_task, TASK_RUN_JOB, args=[job.id], queue=queue_for(interactive)
+        )
+    except Exception as exc:
+        # Never leave a queued record that no worker will ever see.
+        job.status, job.finished_at = JobStatus.FAILED, utcnow()
+        job.error = JobError(type="enqueue_failed", message=str(exc))
+        try:
+            await res.store.save(job)
+        except Exception:  # Redis is likely down too; the record expires with its TTL
+            log.warning("could not mark job %s as failed to enqueue", job.id)
+        raise APIError(503, f"could not queue the job: {exc}", code="queue_unavailable") from exc
+    return job
+
+
+async def wait_for(res: Resources, job_id: str, timeout_s: float) -> Job | None:
+    """Return the job once it is terminal or `timeout_s` has passed (None if it does not exist).
+
+    Subscribes before reading, so a status change between the two is never lost.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with res.redis.pubsub() as pubsub:
+        await pubsub.subscribe(job_channel(job_id))
+        job = await res.store.get(job_id)
+        while job is not None and not job.status.terminal:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=min(remaining, _RECHECK_S)
+            )
+            job = await res.store.get(job_id)
+        return job
+
+
+async def get_or_404(res: Resources, job_id: str) -> Job:
+    job = await res.store.get(job_id)
+    if job is None:
+        raise APIError(
+            404,
+            f"no job {job_id!r} (unknown, or expired after its TTL)",
+            code="job_not_found",
+            param="id",
+        )
+    return job
+
+
+async def cancel(res: Resources, job: Job) -> Job:
+    if job.status.terminal or job.status is JobStatus.RUNNING:
+        raise APIError(
+            409,
+            f"job {job.id} is {job.status}; only queued jobs can be cancelled",
+            code="not_cancellable",
+        )
+    cancelled = job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})
+    try:
+        await res.store.save(cancelled)
+    except TransitionRefused as exc:
+        raise APIError(
+            409, f"job {job.id} started before it could be cancelled", code="not_cancellable"
+        ) from exc
+    return cancelled

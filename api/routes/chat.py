@@ -1,0 +1,150 @@
+"""`POST /v1/chat/completions`, compatible with the NIM of this model and the OpenAI clients.
+
+The whole conversation passes through the model's chat template and `content` is the model's
+text unchanged (think block inline), because NeMo Guardrails parses exactly that.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from api import jobs
+from api.deps import Resources, ResourcesDep
+from api.errors import APIError
+from api.readiness import require_ready_worker
+from guardfleet.schemas import ChatInput, ChatMessage, Completion, JobStatus
+
+router = APIRouter(tags=["openai"])
+
+# NeMo Guardrails sends temperature 1e-20 to mean "greedy"; below this we decode greedily.
+GREEDY_BELOW = 1e-5
+HF_MODEL_ID = "nvidia/Nemotron-Content-Safety-Reasoning-4B"
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. `name`
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send many optional fields; those that change nothing here are ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    stream: bool = False
+    seed: int | None = None
+
+
+def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    out = []
+    for index, msg in enumerate(body.messages):
+        text = msg.content if isinstance(msg.content, str) else None
+        if isinstance(msg.content, list):
+            text = "".join(part.text for part in msg.content)
+        if not text or not text.strip():
+            raise APIError(
+                400,
+                f"messages[{index}] has no text content",
+                code="invalid_value",
+                param=f"messages.{index}.content",
+            )
+        role = "system" if msg.role == "developer" else msg.role
+        out.append(ChatMessage(role=role, content=text))
+    if not any(m.role == "user" for m in out):
+        raise APIError(400, "messages must contain a user message", param="messages")
+    return out
+
+
+def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
+    settings = res.settings
+    accepted = {settings.served_model_name, settings.model, HF_MODEL_ID}
+    if body.model not in accepted:
+        raise APIError(
+            404,
+            f"model {body.model!r} is not served here; use {settings.served_model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
+    if body.stream:
+        raise APIError(
+            400,
+            "stream=true is not supported yet; send stream=false",
+            code="unsupported_value",
+            param="stream",
+        )
+    if body.n != 1:
+        raise APIError(400, "only n=1 is supported", code="unsupported_value", param="n")
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_chat_tokens
+    if max_tokens > settings.max_chat_tokens:
+        raise APIError(
+            400,
+            f"max_tokens is {max_tokens}; at most {settings.max_chat_tokens} is allowed",
+            code="invalid_value",
+            param="max_tokens",
+        )
+    temperature = body.temperature or 0.0
+    return ChatInput(
+        messages=_messages(body),
+        max_tokens=max_tokens,
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        top_p=body.top_p or 1.0,
+        seed=body.seed,
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, res: ResourcesDep) -> dict[str, Any]:
+    chat = to_chat_input(body, res)
+    await require_ready_worker(res)
+    job = await jobs.submit(res, chat, interactive=True)
+    done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s) or job
+    if not done.status.terminal:
+        raise APIError(
+            504,
+            f"no completion within {res.settings.sync_timeout_s:g}s (job {job.id})",
+            code="sync_timeout",
+        )
+    if done.status is not JobStatus.SUCCEEDED or not isinstance(done.result, Completion):
+        error = done.error
+        if error is not None and error.type == "input_too_long":
+            raise APIError(400, error.message, code="context_length_exceeded", param="messages")
+        message = error.message if error else f"job ended {done.status}"
+        raise APIError(
+            500, f"completion failed: {message} (job {job.id})", code=error.type if error else None
+        )
+    result = done.result
+    return {
+        "id": "chatcmpl-" + job.id.removeprefix("job_"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+    }

@@ -1,0 +1,70 @@
+"""NIM-compatible health, model and version endpoints."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import redis.exceptions
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from api.deps import ResourcesDep, require_api_key
+from api.readiness import ready_workers
+
+router = APIRouter(tags=["health"])
+API_VERSION = "1.0.0"
+
+
+def release() -> str:
+    try:
+        return version("guardfleet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _health(status_code: int, status: str, message: str, **extra: Any) -> JSONResponse:
+    body = {"object": "health.response", "message": message, "status": status, **extra}
+    return JSONResponse(body, status_code=status_code)
+
+
+@router.get("/v1/health/live")
+async def live() -> JSONResponse:
+    return _health(200, "live", "live")
+
+
+@router.get("/v1/health/ready")
+async def ready(res: ResourcesDep) -> JSONResponse:
+    try:
+        workers = await ready_workers(res)
+    except redis.exceptions.RedisError as exc:
+        return _health(503, "not_ready", f"Redis is unavailable: {exc}")
+    if not workers:
+        return _health(503, "not_ready", "no worker has a loaded model yet")
+    summary = [
+        {"name": w.name, "device": w.device, "model": w.model, "jobs_done": w.jobs_done}
+        for w in workers
+    ]
+    return _health(200, "ready", "ready", workers=summary)
+
+
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def models(res: ResourcesDep) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": res.settings.served_model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "guardfleet",
+                "root": res.settings.model,
+                "max_model_len": res.settings.max_input_tokens,
+            }
+        ],
+    }
+
+
+@router.get("/v1/version", dependencies=[Depends(require_api_key)])
+async def version_info() -> dict[str, str]:
+    return {"release": release(), "api": API_VERSION}

@@ -1,0 +1,77 @@
+"""Moderation jobs: fire-and-forget (`POST /v1/jobs`), polling, and the blocking classify call."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from api import jobs
+from api.deps import ResourcesDep
+from api.errors import APIError
+from api.readiness import require_ready_worker
+from guardfleet.schemas import ClassifyRequest, Job, JobStatus
+
+router = APIRouter(tags=["jobs"])
+
+# Failures that are the client's input, not the service: a sync caller gets them as a 4xx.
+CLIENT_ERRORS = {"input_too_long", "invalid_input"}
+MAX_POLL_WAIT_S = 60.0
+
+
+@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
+async def create_job(body: ClassifyRequest, res: ResourcesDep, response: Response) -> Job:
+    """Queue a classification on the bulk lane; poll `Location` (or `?wait=`) for the verdict."""
+    job = await jobs.submit(res, body, interactive=False)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(
+    job_id: str,
+    res: ResourcesDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_POLL_WAIT_S, description="long-poll seconds")] = 0,
+) -> Job:
+    job = await jobs.get_or_404(res, job_id)
+    if wait > 0 and not job.status.terminal:
+        job = await jobs.wait_for(res, job_id, wait) or job
+    return job
+
+
+@router.post("/v1/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, res: ResourcesDep) -> Job:
+    return await jobs.cancel(res, await jobs.get_or_404(res, job_id))
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, res: ResourcesDep, response: Response) -> Job:
+    """Classify and wait (up to GUARDFLEET_SYNC_TIMEOUT_S) on the interactive lane.
+
+    200 with the finished job (its `status` is `succeeded`, or `failed` with `error` when the
+    model's output held no verdict); 422 when the input itself was refused (too long); 504 with
+    the job id when no verdict came in time: the job still runs, poll it.
+    """
+    await require_ready_worker(res)
+    job = await jobs.submit(res, body, interactive=True)
+    done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s) or job
+    location = f"/v1/jobs/{job.id}"
+    if not done.status.terminal:
+        raise APIError(
+            504,
+            f"no verdict within {res.settings.sync_timeout_s:g}s; job {job.id} is still "
+            f"{done.status}: poll {location}",
+            code="sync_timeout",
+            extra={"job": {"id": job.id, "status": done.status}},
+            headers={"Location": location},
+        )
+    if done.status is JobStatus.FAILED and done.error and done.error.type in CLIENT_ERRORS:
+        raise APIError(
+            422,
+            done.error.message,
+            code=done.error.type,
+            param="prompt",
+            extra={"job": {"id": job.id, "status": done.status}},
+        )
+    response.headers["Location"] = location
+    return done

@@ -1,0 +1,55 @@
+"""The Celery app both services build from settings: the API to send by task name, the worker to
+consume. Delivery guarantees (at-least-once) are set here, in one place."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu.entity import Exchange, Queue
+
+from guardfleet.keys import GPU_QUEUES, QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
+from guardfleet.settings import Settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("guardfleet", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in the job record, not in a Celery backend
+        # At-least-once: a job is acknowledged only after its result is written; a worker that
+        # dies holding it leaves it unacknowledged, and Redis redelivers it after the
+        # visibility timeout, which must exceed the longest batch.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Consume queues in the order given (interactive before bulk), not round-robin.
+            "queue_order_strategy": "priority",
+            "socket_timeout": settings.redis_timeout_s,
+            "socket_connect_timeout": settings.redis_timeout_s,
+        },
+        broker_connection_timeout=settings.redis_timeout_s,
+        broker_connection_retry_on_startup=True,
+        # The API must answer 503 promptly when Redis is down, not retry for a minute.
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+        # Each queue with its own direct exchange: a bare Queue(name) would inherit the default
+        # exchange and routing key, binding every queue to the same key.
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in GPU_QUEUES
+        ],
+        task_default_queue=QUEUE_BULK,
+        task_routes={TASK_RUN_JOB: {"queue": QUEUE_BULK}},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # Flower's live view
+        task_send_sent_event=True,
+    )
+    return app
+
+
+def queue_for(interactive: bool) -> str:
+    return QUEUE_INTERACTIVE if interactive else QUEUE_BULK

@@ -1,0 +1,233 @@
+"""The wire contract shared by the API and the worker: job requests, jobs and verdicts.
+
+Both services import these models; a job is stored in Redis as `Job.model_dump_json()` and read
+back with `Job.model_validate_json()`, so the record and the HTTP body are the same document.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+# Generous per-field cap: the model's context is the real limit (checked in tokens by the worker);
+# this only stops a client from parking megabytes in Redis before that check can run.
+MAX_TEXT_CHARS = 200_000
+
+NonEmptyText = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), Field(description="text")
+]
+
+
+class Mode(enum.StrEnum):
+    """Whether the model writes a reasoning trace (`/think`) before its verdict."""
+
+    THINK = "think"
+    NO_THINK = "no_think"
+
+
+class Harm(enum.StrEnum):
+    HARMFUL = "harmful"
+    UNHARMFUL = "unharmful"
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class StrictModel(BaseModel):
+    # Unknown fields are refused so that a misspelt option is a 422, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Category(StrictModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+    description: (
+        Annotated[str, StringConstraints(max_length=2000, strip_whitespace=True)] | None
+    ) = None
+
+    @field_validator("name")
+    @classmethod
+    def _one_line(cls, v: str) -> str:
+        if "\n" in v:
+            raise ValueError("category name must be one line")
+        return v
+
+
+class TaxonomyPolicy(StrictModel):
+    """Template A with custom categories: appended as S23+ (default) or replacing the 22."""
+
+    type: Literal["taxonomy"] = "taxonomy"
+    categories: list[Category] = Field(default_factory=list, max_length=200)
+    replace: bool = False
+    allowed_topics: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] = Field(
+        default_factory=list, max_length=200
+    )
+
+    @model_validator(mode="after")
+    def _categories_when_replacing(self) -> TaxonomyPolicy:
+        if self.replace and not self.categories:
+            raise ValueError("replace=true needs at least one category")
+        return self
+
+
+class HistoryTurn(StrictModel):
+    role: Literal["user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+
+
+class TopicPolicy(StrictModel):
+    """Template B: a topic-following policy with the conversation so far (single verdict)."""
+
+    type: Literal["topic_following"]
+    instructions: NonEmptyText
+    history: list[HistoryTurn] = Field(default_factory=list, max_length=200)
+
+
+def _policy_type(value: Any) -> str | None:
+    # `type` may be omitted for a taxonomy policy: it is the common case.
+    if isinstance(value, dict):
+        return str(value.get("type", "taxonomy"))
+    return getattr(value, "type", None)
+
+
+Policy = Annotated[
+    Annotated[TaxonomyPolicy, Tag("taxonomy")] | Annotated[TopicPolicy, Tag("topic_following")],
+    Discriminator(_policy_type),
+]
+
+
+class ClassifyRequest(StrictModel):
+    """What a client asks: is this prompt (and optionally this response) harmful?"""
+
+    kind: Literal["classify"] = "classify"
+    prompt: NonEmptyText
+    response: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)] | None = (
+        None
+    )
+    mode: Mode = Mode.NO_THINK
+    policy: Policy | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description="echoed back on the job")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return v
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatInput(StrictModel):
+    """An OpenAI-style chat completion, already validated and normalised by the API."""
+
+    kind: Literal["chat"] = "chat"
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Scores(BaseModel):
+    prompt_harm: float | None = None
+    response_harm: float | None = None
+
+
+class Verdict(BaseModel):
+    """The parsed output of a classify job."""
+
+    kind: Literal["classify"] = "classify"
+    prompt_harm: Harm
+    response_harm: Harm | None
+    reasoning: str | None
+    raw_output: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    scores: Scores | None = None
+    batch_size: int | None = None
+    queue_wait_ms: float | None = None
+    inference_ms: float | None = None
+
+
+class Completion(BaseModel):
+    """The raw output of a chat job: the model text unchanged."""
+
+    kind: Literal["chat"] = "chat"
+    text: str
+    finish_reason: Literal["stop", "length"]
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int | None = None
+    queue_wait_ms: float | None = None
+    inference_ms: float | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    raw_output: str | None = None
+
+
+def new_job_id() -> str:
+    return "job_" + uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Job(BaseModel):
+    id: str = Field(default_factory=new_job_id)
+    object: Literal["moderation.job"] = "moderation.job"
+    status: JobStatus = JobStatus.QUEUED
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    request: Annotated[ClassifyRequest | ChatInput, Field(discriminator="kind")]
+    result: Annotated[Verdict | Completion, Field(discriminator="kind")] | None = None
+    error: JobError | None = None
+    metadata: dict[str, Any] | None = None
+    attempts: int = 0
+    worker: str | None = None
+
+
+class WorkerHeartbeat(BaseModel):
+    """What a worker writes to Redis (with a TTL) while it is ready to serve."""
+
+    name: str
+    host: str
+    pid: int
+    device: str
+    model: str
+    loaded: bool
+    queues: list[str]
+    started_at: datetime
+    last_seen: datetime
+    jobs_done: int = 0

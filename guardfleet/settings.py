@@ -1,0 +1,107 @@
+"""Validated settings, read from `GUARDFLEET_*` environment variables (or a `.env` file).
+
+Obtain them with `get_settings()`; nothing reads the environment at import time, so tests and
+scripts can set variables first. Every field is documented in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from typing import Annotated, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEMO_MODEL = "demo"
+NIM_MODEL_ID = "nvidia/nemotron-content-safety-reasoning-4b-experimental"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GUARDFLEET_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- shared -----------------------------------------------------------------------------
+    redis_url: str = "redis://localhost:6379/0"
+    redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout for Redis calls")
+    result_ttl_s: int = Field(86_400, ge=60, description="how long jobs and results are kept")
+
+    # --- model / worker ---------------------------------------------------------------------
+    model: str = Field(DEMO_MODEL, description="'demo', a Hugging Face id, or a local path")
+    served_model_name: str = Field(NIM_MODEL_ID, description="model id shown to OpenAI clients")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_input_tokens: int = Field(8192, ge=64)
+    max_new_tokens_no_think: int = Field(64, ge=8)
+    max_new_tokens_think: int = Field(1024, ge=16)
+    max_chat_tokens: int = Field(2048, ge=1, description="upper bound for chat max_tokens")
+    default_chat_tokens: int = Field(1024, ge=1, description="chat max_tokens when not sent")
+    max_batch_size: int = Field(32, ge=1, description="most requests in one generate call")
+    max_wait_ms: float = Field(10.0, ge=0, description="longest a request waits for a batch")
+    max_batch_tokens: int = Field(32_768, ge=64, description="rows x longest prompt per batch")
+    worker_threads: int | None = Field(
+        None, ge=1, description="Celery task threads per worker (default: 2 x max_batch_size)"
+    )
+    score_threshold: float | None = Field(
+        None, ge=0, le=1, description="if set, a score >= this makes the label harmful"
+    )
+    heartbeat_ttl_s: int = Field(15, ge=2)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    visibility_timeout_s: int = Field(
+        3600, ge=1, description="seconds before an unacknowledged job is redelivered"
+    )
+
+    # --- api --------------------------------------------------------------------------------
+    api_keys: CommaList = Field(default_factory=list)
+    sync_timeout_s: float = Field(30.0, gt=0, le=600)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+
+    _split_keys = field_validator("api_keys", mode="before")(_split_commas)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if urlparse(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps"):
+            return v
+        kind, _, index = v.partition(":")
+        if kind != "cuda" or not index.isdigit():
+            raise ValueError("must be 'auto', 'cpu', 'cuda', 'mps' or 'cuda:N'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
+            raise ValueError("heartbeat_interval_s must be shorter than heartbeat_ttl_s")
+        if self.default_chat_tokens > self.max_chat_tokens:
+            raise ValueError("default_chat_tokens must not exceed max_chat_tokens")
+        return self
+
+    @property
+    def redis_host_is_local(self) -> bool:
+        host = urlparse(self.redis_url).hostname or ""
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()

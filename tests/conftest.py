@@ -1,0 +1,254 @@
+"""Fixtures that start real services: redis-server, Celery workers and the API, as processes.
+
+Each tier is marked by folder (unit / integration / e2e). Nothing here mocks Redis, Celery or
+the model: workers load the bundled demo model through the production code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if tier in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH: `apt-get install -y redis-server`")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
+    client = server.client()
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(answers, 10, "redis-server to answer")
+    yield server
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDFLEET_")}
+    env.update(
+        GUARDFLEET_REDIS_URL=redis_url,
+        GUARDFLEET_DEVICE="cpu",
+        GUARDFLEET_HEARTBEAT_TTL_S="4",
+        GUARDFLEET_HEARTBEAT_INTERVAL_S="1",
+        GUARDFLEET_MAX_BATCH_SIZE="8",
+        GUARDFLEET_MAX_WAIT_MS="5",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Worker:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    redis_url: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def heartbeat(self) -> dict[str, object] | None:
+        raw = redis.Redis.from_url(self.redis_url).get(f"guardfleet:worker:{self.name}")
+        return None if raw is None else dict(json.loads(raw))
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited early:\n{self.log.read_text()[-3000:]}")
+            return self.heartbeat() is not None
+
+        wait_until(ready, timeout, f"worker {self.name} heartbeat", every=0.2)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+StartWorker = Callable[..., Worker]
+
+
+@pytest.fixture(scope="session")
+def start_worker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StartWorker]:
+    """Start `python -m worker` processes; all are stopped at the end of the session."""
+    started: list[Worker] = []
+    logs = tmp_path_factory.mktemp("workers")
+
+    def start(name: str | None = None, wait: bool = True, db: int = 0, **env: str) -> Worker:
+        """A worker on Redis database `db`: its own queues, isolated from other databases."""
+        name = name or f"worker-{len(started)}@test"
+        url = db_url(redis_server, db)
+        log = logs / f"{name}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--name", name, "--loglevel", "INFO"],
+            cwd=ROOT,
+            env=service_env(url, **env),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        worker = Worker(name, proc, log, url, env)
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_worker(start_worker: StartWorker) -> Worker:
+    """One long-lived worker for the tests that only need *a* worker."""
+    return start_worker("shared@test")
+
+
+@pytest.fixture
+def live_worker(shared_worker: Worker, redis_server: RedisServer) -> Worker:
+    """The shared worker, with its heartbeat restored if a test flushed Redis."""
+    wait_until(lambda: shared_worker.heartbeat() is not None, 10, "shared worker heartbeat")
+    return shared_worker
+
+
+@dataclass
+class ApiServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def db_url(server: RedisServer, db: int) -> str:
+    return server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture(scope="session")
+def start_api(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ApiServer]]:
+    servers: list[ApiServer] = []
+    logs = tmp_path_factory.mktemp("api")
+
+    def start(db: int = 0, **env: str) -> ApiServer:
+        port = free_port()
+        url = db_url(redis_server, db)
+        log = logs / f"api-{port}.log"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=service_env(url, **env),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        server = ApiServer(f"http://127.0.0.1:{port}", proc)
+        servers.append(server)
+        import httpx
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"api exited early:\n{log.read_text()[-3000:]}")
+            try:
+                return httpx.get(server.url + "/v1/health/live", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 30, "the API to listen")
+        return server
+
+    yield start
+    for server in servers:
+        server.process.terminate()
+        server.process.wait(timeout=10)

@@ -1,0 +1,154 @@
+"""The API's answers to bad input, with Redis pointed at a closed port.
+
+Validation must answer before Redis is touched; when Redis *is* needed and is down, the answer
+is a prompt 503 in the error envelope, never a hang or a 500.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from guardfleet.settings import Settings
+from tests.conftest import free_port
+
+MODEL = "nvidia/nemotron-content-safety-reasoning-4b-experimental"
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5, max_body_bytes=4096
+    )
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def envelope(response: Any) -> dict[str, Any]:
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({}, "prompt", "Field required"),
+        ({"prompt": ""}, "prompt", "at least 1 character"),
+        ({"prompt": "   \n"}, "prompt", "non-whitespace"),
+        ({"prompt": 42}, "prompt", "valid string"),
+        ({"prompt": "x", "mode": "fast"}, "mode", "'think' or 'no_think'"),
+        ({"prompt": "x", "response": ""}, "response", "at least 1 character"),
+        ({"prompt": "x", "colour": "red"}, "colour", "Extra inputs"),
+        ({"prompt": "x", "policy": {"type": "nope"}}, "policy", "does not match"),
+        ({"prompt": "x", "policy": {"replace": True}}, "policy.taxonomy", "at least one category"),
+        ({"prompt": "x", "policy": {"type": "topic_following"}}, "policy", "instructions"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/classify"])
+def test_invalid_classify_bodies_are_422_naming_the_field(
+    client: TestClient, path: str, body: dict[str, Any], param: str, fragment: str
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 422
+    error = envelope(response)
+    assert error["param"].startswith(param.split(".")[0])
+    assert fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    response = client.post(
+        "/v1/jobs", content=b'{"prompt": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert envelope(response)["code"] == "invalid_json"
+
+
+def test_oversized_body_is_413_with_or_without_content_length(client: TestClient) -> None:
+    big = b'{"prompt": "' + b"a" * 5000 + b'"}'
+    response = client.post("/v1/jobs", content=big, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert envelope(response)["code"] == "body_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield big[:3000]
+        yield big[3000:]
+
+    response = client.post(
+        "/v1/jobs", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": MODEL, "messages": []}, 422, "messages"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+            400,
+            "stream",
+        ),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6},
+            400,
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+            422,
+            "temperature",
+        ),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 422, "messages"),
+        ({"model": MODEL, "messages": [{"role": "system", "content": "x"}]}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": " "}]}, 400, "messages"),
+    ],
+)
+def test_invalid_chat_requests(
+    client: TestClient, body: dict[str, Any], status: int, param: str
+) -> None:
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    assert envelope(response)["param"].startswith(param)
+
+
+def test_unknown_route_and_method_use_the_envelope(client: TestClient) -> None:
+    assert envelope(client.get("/v1/nothing"))["type"] == "not_found_error"
+    assert client.get("/v1/classify").status_code == 405
+
+
+def test_redis_down_is_a_prompt_503(client: TestClient) -> None:
+    started = time.monotonic()
+    response = client.post("/v1/jobs", json={"prompt": "hello"})
+    assert response.status_code == 503
+    assert envelope(response)["code"] == "queue_unavailable"
+    assert client.get("/v1/jobs/job_x").status_code == 503
+    ready = client.get("/v1/health/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+    assert client.get("/v1/health/live").status_code == 200
+    assert time.monotonic() - started < 10
+
+
+def test_api_keys_guard_everything_but_health() -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", api_keys=["s3cret"])
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/health/live").status_code == 200
+        for path in ("/v1/models", "/v1/version", "/v1/jobs/job_x"):
+            response = client.get(path)
+            assert response.status_code == 401, path
+            assert response.headers["www-authenticate"] == "Bearer"
+        wrong = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert envelope(wrong)["code"] == "invalid_api_key"
+        right = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert (
+            right.status_code == 200 and right.json()["data"][0]["id"] == settings.served_model_name
+        )

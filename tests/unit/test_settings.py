@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from guardfleet.settings import DEMO_MODEL, Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("GUARDFLEET_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir("/")  # no stray .env file
+
+
+def test_defaults_are_valid_and_use_the_demo_model() -> None:
+    settings = Settings()
+    assert settings.model == DEMO_MODEL
+    assert settings.api_keys == []
+    assert settings.redis_url == "redis://localhost:6379/0"
+
+
+def test_operator_facing_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUARDFLEET_REDIS_URL", "redis://queue:6380/2")
+    monkeypatch.setenv("GUARDFLEET_MODEL", "nvidia/Nemotron-Content-Safety-Reasoning-4B")
+    monkeypatch.setenv("GUARDFLEET_DEVICE", "cuda:3")
+    monkeypatch.setenv("GUARDFLEET_API_KEYS", " key-one, key-two ,,")
+    settings = Settings()
+    assert settings.redis_url == "redis://queue:6380/2"
+    assert settings.model == "nvidia/Nemotron-Content-Safety-Reasoning-4B"
+    assert settings.device == "cuda:3"
+    assert settings.api_keys == ["key-one", "key-two"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("GUARDFLEET_REDIS_URL", "http://localhost", "redis://"),
+        ("GUARDFLEET_DEVICE", "gpu0", "cuda:N"),
+        ("GUARDFLEET_DEVICE", "cuda:x", "cuda:N"),
+        ("GUARDFLEET_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
+        ("GUARDFLEET_SCORE_THRESHOLD", "1.5", "less than or equal to 1"),
+        ("GUARDFLEET_HEARTBEAT_INTERVAL_S", "30", "shorter than heartbeat_ttl_s"),
+        ("GUARDFLEET_DTYPE", "int8", "bfloat16"),
+    ],
+)
+def test_bad_values_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        f"GUARDFLEET_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`GUARDFLEET_{name.upper()}`" not in readme
+    ]
+    assert missing == []

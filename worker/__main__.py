@@ -1,0 +1,40 @@
+"""Start one worker process on one device: `python -m worker --device cuda:0`.
+
+One process per GPU: run this once per device (`ops/run_fleet.sh` does that for all GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+from guardfleet.keys import GPU_QUEUES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", help="cpu, cuda:N or auto (default: GUARDFLEET_DEVICE)")
+    parser.add_argument("--name", help="Celery node name (default: worker-<device>@<host>)")
+    parser.add_argument("--queues", default=",".join(GPU_QUEUES), help="in priority order")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=args.loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
+    )
+    if args.device:
+        os.environ["GUARDFLEET_DEVICE"] = args.device
+    from guardfleet.settings import get_settings  # after the environment is final
+
+    device = get_settings().device
+    name = args.name or f"worker-{device.replace(':', '')}@{socket.gethostname()}"
+    from worker.celery_app import app
+
+    app.worker_main(
+        ["worker", "-n", name, "-Q", args.queues, "--loglevel", args.loglevel, "--without-gossip"]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The model engine: the only module that imports torch and transformers' models.
+
+It loads one model on one device, warms it up, and runs `generate` over a batch of already
+tokenized requests that share generation settings (the batcher guarantees that). For each row
+it also keeps, at every step, how much probability the model put on tokens that begin
+"harmful" versus "unharmful"; the caller picks the step where a label was decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from guardfleet.prompts import END_OF_TURN
+from guardfleet.settings import DEMO_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+LABELS = ("harmful", "unharmful")
+
+
+def resolve_model(name: str) -> str:
+    return str(DEMO_MODEL_DIR) if name == DEMO_MODEL else name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def sampling_key(self) -> tuple[float, float, int | None]:
+        """Requests with different keys cannot share one `generate` call."""
+        if self.temperature <= 0:
+            return (0.0, 1.0, None)
+        return (self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class GenResult:
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    # Per generated step: log P(tokens starting "harmful"), log P(tokens starting "unharmful").
+    label_logprobs: list[tuple[float, float]] = field(default_factory=list)
+
+
+class LabelCapture(LogitsProcessor):
+    """Records, per row and step, the log-probability mass on tokens that begin each label.
+
+    Tokenizer-aware: a token counts for "harmful" if its text, case-folded and without leading
+    spaces, is a non-empty prefix of "harmful" (" harmful", "harm", "H"...); likewise for
+    "unharmful". The two sets are disjoint because the words differ in their first letter.
+    Two numbers per row per step, so it costs nothing next to storing full logits.
+    """
+
+    def __init__(self, label_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.label_ids = label_ids
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        self.steps.append(
+            torch.stack([torch.logsumexp(logp[:, ids], dim=-1) for ids in self.label_ids], dim=-1)
+        )
+        return scores
+
+
+def label_token_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    sets: tuple[list[int], list[int]] = ([], [])
+    for token_id, text in enumerate(texts):
+        piece = text.lstrip(" ").lower()
+        if not piece:
+            continue
+        for index, label in enumerate(LABELS):
+            if label.startswith(piece):
+                sets[index].append(token_id)
+    return sets
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.model_name = settings.model
+        self.path = resolve_model(settings.model)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        started = time.perf_counter()
+        self.tokenizer: Tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path,
+            dtype=self.dtype,
+            device_map={"": str(self.device)},  # accelerate places weights as they load
+        )
+        self.model.eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.stop_ids = self._stop_ids()
+        harm, unharm = label_token_ids(self.tokenizer)
+        self.label_ids = (
+            torch.tensor(harm, device=self.device),
+            torch.tensor(unharm, device=self.device),
+        )
+        log.info(
+            "loaded %s on %s (%s) in %.1fs",
+            self.path,
+            self.device,
+            self.dtype,
+            time.perf_counter() - started,
+        )
+
+    def _stop_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        stops = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN.token)
+        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+            stops.add(end_of_turn)
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        return stops
+
+    @torch.inference_mode()
+    def generate(self, batch: Sequence[GenRequest]) -> list[GenResult]:
+        """Run one `generate` over requests with the same sampling key (left-padded)."""
+        if len({r.sampling_key for r in batch}) != 1:
+            raise ValueError("a batch must share its sampling settings")
+        first = batch[0]
+        width = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, req in enumerate(batch):
+            input_ids[row, width - len(req.prompt_ids) :] = torch.tensor(req.prompt_ids)
+            attention[row, width - len(req.prompt_ids) :] = 1
+        capture = LabelCapture(self.label_ids)
+        sampling: dict[str, object] = {"do_sample": False}
+        if first.temperature > 0:
+            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            max_new_tokens=max(r.max_new_tokens for r in batch),
+            eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.pad_id,
+            logits_processor=[capture],
+            top_k=None,
+            **sampling,
+        )
+        new = out[:, width:].tolist()
+        steps = torch.stack(capture.steps, dim=1).tolist() if capture.steps else []
+        results = []
+        for row, req in enumerate(batch):
+            tokens: list[int] = []
+            finish = "length"
+            for token in new[row][: req.max_new_tokens]:
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                tokens.append(token)
+            logprobs = [(h, u) for h, u in steps[row][: len(tokens) + 1]] if steps else []
+            results.append(GenResult(tokens, finish, logprobs))
+        return results
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def token_offsets(self, token_ids: Sequence[int], upto_char: int) -> int | None:
+        """Index of the generated token whose text covers character `upto_char`."""
+        for index in range(len(token_ids)):
+            if len(self.decode(token_ids[: index + 1])) > upto_char:
+                return index
+        return None
+
+    def warm_up(self) -> None:
+        """One real generation, so the first job is not the one that pays for lazy init."""
+        ids = self.tokenizer.encode("warm up", add_special_tokens=True)
+        self.generate([GenRequest(prompt_ids=list(ids), max_new_tokens=4)])

@@ -1,0 +1,79 @@
+"""The readiness heartbeat: a Redis key with a TTL, rewritten while the worker lives.
+
+It is started only after the model is loaded and a warm-up generation succeeded, so its
+existence means "this worker can serve now". A worker that dies stops refreshing it and the key
+expires after `heartbeat_ttl_s`; a worker that stops cleanly deletes it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+import redis
+
+from guardfleet.keys import worker_key
+from guardfleet.schemas import WorkerHeartbeat, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        name: str,
+        device: str,
+        model: str,
+        queues: list[str],
+        ttl_s: int,
+        interval_s: float,
+        jobs_done: Callable[[], int],
+    ) -> None:
+        self.client = client
+        self.key = worker_key(name)
+        self.ttl_s = ttl_s
+        self.interval_s = interval_s
+        self.jobs_done = jobs_done
+        self.record = WorkerHeartbeat(
+            name=name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=device,
+            model=model,
+            loaded=True,
+            queues=queues,
+            started_at=utcnow(),
+            last_seen=utcnow(),
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.record.last_seen = utcnow()
+        self.record.jobs_done = self.jobs_done()
+        self.client.set(self.key, self.record.model_dump_json(), ex=self.ttl_s)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except redis.RedisError as exc:  # keep trying: Redis may come back before the TTL
+                log.warning("heartbeat write failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 1)
+        try:
+            self.client.delete(self.key)
+        except redis.RedisError as exc:
+            log.warning("could not delete heartbeat (it will expire): %s", exc)

@@ -1,0 +1,113 @@
+"""One worker process's resident state (engine, model thread, job store, heartbeat) and the
+life of one job inside it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from guardfleet.errors import GuardfleetError
+from guardfleet.schemas import Job, JobError, JobStatus, utcnow
+from guardfleet.settings import Settings
+from guardfleet.store import JobStore, TransitionRefused
+from worker.batching import BatchPolicy
+from worker.engine import Engine
+from worker.heartbeat import Heartbeat
+from worker.jobs import interpret, prepare
+from worker.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class WorkerService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(settings)
+        started = time.perf_counter()
+        self.engine.warm_up()
+        log.info("warm-up generation succeeded in %.0f ms", (time.perf_counter() - started) * 1e3)
+        self.runner = Runner(
+            self.engine,
+            BatchPolicy(settings.max_batch_size, settings.max_wait_ms, settings.max_batch_tokens),
+        )
+        self.redis = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+        self.store = JobStore(self.redis, settings.result_ttl_s)
+        self.heartbeat: Heartbeat | None = None
+        self.name = "unnamed"
+        self._done = 0
+        self._done_lock = threading.Lock()
+
+    def announce(self, name: str, queues: list[str]) -> None:
+        """Start the heartbeat: from now on the API counts this worker as ready."""
+        self.name = name
+        self.heartbeat = Heartbeat(
+            self.redis,
+            name=name,
+            device=str(self.engine.device),
+            model=self.settings.model,
+            queues=queues,
+            ttl_s=self.settings.heartbeat_ttl_s,
+            interval_s=self.settings.heartbeat_interval_s,
+            jobs_done=lambda: self._done,
+        )
+        self.heartbeat.start()
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.runner.stop()
+
+    def run(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is None:
+            log.warning("job %s expired or never existed; nothing to do", job_id)
+            return
+        if job.status.terminal:
+            log.info("job %s is already %s (redelivery); skipping", job_id, job.status)
+            return
+        job = job.model_copy(
+            update={
+                "status": JobStatus.RUNNING,
+                "started_at": utcnow(),
+                "attempts": job.attempts + 1,
+                "worker": self.name,
+            }
+        )
+        try:
+            self.store.save(job)
+        except TransitionRefused as exc:  # cancelled or finished since we read it
+            log.info("not running job %s: %s", job_id, exc)
+            return
+        self._finish(job, self._compute(job))
+
+    def _compute(self, job: Job) -> Job:
+        try:
+            prepared = prepare(job.request, self.engine, self.settings)
+            timed = self.runner.submit(prepared).result()
+            result = interpret(job.request, timed, self.engine, self.settings)
+            return job.model_copy(update={"status": JobStatus.SUCCEEDED, "result": result})
+        except GuardfleetError as exc:
+            error = JobError(
+                type=exc.type, message=exc.message, raw_output=getattr(exc, "raw_output", None)
+            )
+        except Exception as exc:  # a bug or a device fault: fail the job loudly, never drop it
+            log.exception("job %s failed unexpectedly", job.id)
+            error = JobError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
+        return job.model_copy(update={"status": JobStatus.FAILED, "error": error})
+
+    def _finish(self, job: Job, done: Job) -> None:
+        done.finished_at = utcnow()
+        try:
+            self.store.save(done)
+        except TransitionRefused as exc:  # an earlier delivery already finished it
+            log.info("result of job %s not written: %s", job.id, exc)
+            return
+        with self._done_lock:
+            self._done += 1
