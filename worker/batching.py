@@ -7,6 +7,10 @@ with the same generation key (sampling settings, max_new_tokens) may share a bat
 
 The oldest request always goes into the next batch of its key, so nothing starves; the rest of
 the batch is filled with the requests closest to it in length, which keeps padding low.
+
+Waiting only pays when more requests are on their way: the caller says whether any are
+(`more_coming`: task threads that took a job but have not submitted it yet). At light load
+nothing is coming and a request runs at once instead of idling for `max_wait_ms`.
 """
 
 from __future__ import annotations
@@ -52,11 +56,13 @@ def _fill(group: list[Pending[T]], policy: BatchPolicy) -> list[Pending[T]]:
     return chosen
 
 
-def take_batch(pending: list[Pending[T]], now: float, policy: BatchPolicy) -> list[Pending[T]]:
+def take_batch(
+    pending: list[Pending[T]], now: float, policy: BatchPolicy, more_coming: bool = True
+) -> list[Pending[T]]:
     """Remove and return the batch to run now, or return [] if it is better to wait.
 
-    `pending` is in arrival order. A batch runs when it is full (by rows or by tokens) or when
-    its oldest request has waited `max_wait_ms`.
+    `pending` is in arrival order. A batch runs when it is full (by rows or by tokens), when
+    its oldest request has waited `max_wait_ms`, or when nothing more is coming.
     """
     if not pending:
         return []
@@ -65,7 +71,7 @@ def take_batch(pending: list[Pending[T]], now: float, policy: BatchPolicy) -> li
     batch = _fill(group, policy)
     full = len(batch) == policy.max_batch_size or len(batch) < len(group)
     waited_ms = (now - oldest.enqueued_at) * 1000.0
-    if not full and waited_ms < policy.max_wait_ms:
+    if not full and more_coming and waited_ms < policy.max_wait_ms:
         return []
     taken = {id(p) for p in batch}
     pending[:] = [p for p in pending if id(p) not in taken]

@@ -8,15 +8,19 @@ it also keeps, at every step, how much probability the model put on tokens that 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 from transformers import PreTrainedTokenizerBase as Tokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from guardfleet.prompts import END_OF_TURN
 from guardfleet.settings import DEMO_MODEL, Settings
@@ -52,13 +56,25 @@ class GenRequest:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    # The first `prefix_len` prompt tokens are shared with other requests (the taxonomy part of
+    # Template A); the engine computes their KV cache once and reuses it.
+    prefix_len: int = 0
+    # Called from the model thread with each new token as it is generated (for streaming).
+    on_token: Callable[[int], None] | None = None
+    # Benchmarks only: generate exactly max_new_tokens, ignoring stop tokens.
+    force_length: bool = False
 
     @property
-    def sampling_key(self) -> tuple[float, float, int | None]:
+    def prefix(self) -> tuple[int, ...]:
+        return tuple(self.prompt_ids[: self.prefix_len])
+
+    @property
+    def batch_key(self) -> Hashable:
         """Requests with different keys cannot share one `generate` call."""
-        if self.temperature <= 0:
-            return (0.0, 1.0, None)
-        return (self.temperature, self.top_p, self.seed)
+        sampling = (
+            (0.0, 1.0, None) if self.temperature <= 0 else (self.temperature, self.top_p, self.seed)
+        )
+        return (sampling, self.max_new_tokens, self.force_length, self.prefix)
 
 
 @dataclass
@@ -90,6 +106,34 @@ class LabelCapture(LogitsProcessor):
         return scores
 
 
+class TokenFanout(BaseStreamer):
+    """Hands each row's new tokens to that request's callback, until the row stops."""
+
+    def __init__(self, callbacks: list[Callable[[int], None] | None], stop_ids: set[int]) -> None:
+        self.callbacks = callbacks
+        self.stop_ids = stop_ids
+        self.done = [cb is None for cb in callbacks]
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt itself
+            self.prompt_seen = True
+            return
+        for row, tokens in enumerate(value.reshape(len(self.callbacks), -1).tolist()):
+            for token in tokens:
+                if self.done[row]:
+                    break
+                if token in self.stop_ids:
+                    self.done[row] = True
+                    break
+                callback = self.callbacks[row]
+                assert callback is not None
+                callback(token)
+
+    def end(self) -> None:
+        self.done = [True] * len(self.callbacks)
+
+
 def label_token_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     sets: tuple[list[int], list[int]] = ([], [])
@@ -104,8 +148,12 @@ def label_token_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 class Engine:
+    PREFIX_CACHE_ENTRIES = 16  # distinct policies whose prefix KV stays resident
+
     def __init__(self, settings: Settings) -> None:
         self.model_name = settings.model
+        self.reuse_prefix = settings.prefix_cache
+        self._prefix_kv: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self.path = resolve_model(settings.model)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
@@ -146,46 +194,79 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, batch: Sequence[GenRequest]) -> list[GenResult]:
-        """Run one `generate` over requests with the same sampling key (left-padded)."""
-        if len({r.sampling_key for r in batch}) != 1:
-            raise ValueError("a batch must share its sampling settings")
+        """Run one `generate` over requests with the same `batch_key`.
+
+        Without a shared prefix, rows are left-padded. With one, each row is laid out as
+        [prefix | padding | rest of the prompt]: the prefix KV is computed once and copied per
+        row, and position ids follow the attention mask, so every row sees the positions it
+        would have had alone.
+        """
+        if len({r.batch_key for r in batch}) != 1:
+            raise ValueError("a batch must share its generation settings and prefix")
         first = batch[0]
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, req in enumerate(batch):
-            input_ids[row, width - len(req.prompt_ids) :] = torch.tensor(req.prompt_ids)
-            attention[row, width - len(req.prompt_ids) :] = 1
-        capture = LabelCapture(self.label_ids)
-        sampling: dict[str, object] = {"do_sample": False}
+        prefix = list(first.prefix) if self.reuse_prefix else []
+        tails = [r.prompt_ids[len(prefix) :] for r in batch]
+        if any(not tail for tail in tails):  # nothing left to prefill: run without reuse
+            prefix, tails = [], [r.prompt_ids for r in batch]
+        width = max(len(t) for t in tails)
+        input_ids = torch.full((len(batch), len(prefix) + width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        attention[:, : len(prefix)] = 1
+        for row, tail in enumerate(tails):
+            input_ids[row, input_ids.shape[1] - len(tail) :] = torch.tensor(tail)
+            attention[row, input_ids.shape[1] - len(tail) :] = 1
+        kwargs: dict[str, Any] = {}
+        if prefix:
+            past = copy.deepcopy(self._prefix_cache(tuple(prefix)))
+            past.batch_repeat_interleave(len(batch))
+            kwargs["cache"] = past
         if first.temperature > 0:
-            sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
             if first.seed is not None:
                 torch.manual_seed(first.seed)
+        else:
+            kwargs["do_sample"] = False
+        if first.force_length:
+            kwargs["min_new_tokens"] = first.max_new_tokens
+        if any(r.on_token for r in batch):
+            kwargs["streamer"] = TokenFanout([r.on_token for r in batch], self.stop_ids)
+        capture = LabelCapture(self.label_ids)
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
-            max_new_tokens=max(r.max_new_tokens for r in batch),
+            max_new_tokens=first.max_new_tokens,
             eos_token_id=sorted(self.stop_ids),
             pad_token_id=self.pad_id,
             logits_processor=[capture],
             top_k=None,
-            **sampling,
+            **kwargs,
         )
-        new = out[:, width:].tolist()
+        new = out[:, input_ids.shape[1] :].tolist()
         steps = torch.stack(capture.steps, dim=1).tolist() if capture.steps else []
         results = []
-        for row, req in enumerate(batch):
+        for row in range(len(batch)):
             tokens: list[int] = []
             finish = "length"
-            for token in new[row][: req.max_new_tokens]:
-                if token in self.stop_ids:
+            for token in new[row]:
+                if token in self.stop_ids and not first.force_length:
                     finish = "stop"
                     break
                 tokens.append(token)
             logprobs = [(h, u) for h, u in steps[row][: len(tokens) + 1]] if steps else []
             results.append(GenResult(tokens, finish, logprobs))
         return results
+
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
+        cached = self._prefix_kv.get(prefix)
+        if cached is None:
+            ids = torch.tensor([prefix], device=self.device)
+            cached = self.model(input_ids=ids, use_cache=True).past_key_values
+            self._prefix_kv[prefix] = cached
+            while len(self._prefix_kv) > self.PREFIX_CACHE_ENTRIES:
+                self._prefix_kv.popitem(last=False)
+        self._prefix_kv.move_to_end(prefix)
+        return cached
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))

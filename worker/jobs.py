@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 
 from guardfleet.errors import InputTooLong, OutputError, TruncatedOutput
-from guardfleet.prompts import chat_segments, expects_response_verdict, render_classify
+from guardfleet.prompts import (
+    BOS,
+    START_OF_TURN,
+    chat_segments,
+    expects_response_verdict,
+    render_classify,
+    taxonomy_prefix,
+)
 from guardfleet.schemas import (
     ChatInput,
     ChatMessage,
@@ -14,6 +21,7 @@ from guardfleet.schemas import (
     Harm,
     Mode,
     Scores,
+    TopicPolicy,
     Verdict,
 )
 from guardfleet.settings import Settings
@@ -21,6 +29,27 @@ from guardfleet.verdict import label_span, parse_verdict
 from worker.engine import Engine, GenRequest
 from worker.runner import Timed
 from worker.tokenization import encode_segments
+
+_PREFIX_IDS: dict[tuple[int, str], list[int]] = {}
+_PREFIX_IDS_MAX = 256
+
+
+def shared_prefix_len(engine: Engine, ids: list[int], request: ClassifyRequest) -> int:
+    """How many leading tokens of `ids` are the taxonomy prefix shared by every request with
+    this policy (0 for Template B). The prefix's last token is left out because it may merge
+    with the start of the user's text, and the result is checked against the actual ids, so a
+    tokenizer that merges across the boundary only loses the reuse, never the right answer."""
+    if isinstance(request.policy, TopicPolicy):
+        return 0
+    text = "user\n" + taxonomy_prefix(request.policy)
+    key = (id(engine.tokenizer), text)
+    prefix = _PREFIX_IDS.get(key)
+    if prefix is None:
+        if len(_PREFIX_IDS) >= _PREFIX_IDS_MAX:
+            _PREFIX_IDS.clear()
+        prefix = _PREFIX_IDS[key] = encode_segments(engine.tokenizer, [BOS, START_OF_TURN, text])
+    n = len(prefix) - 1
+    return n if n > 0 and ids[:n] == prefix[:n] else 0
 
 
 def prepare(request: ClassifyRequest | ChatInput, engine: Engine, settings: Settings) -> GenRequest:
@@ -42,7 +71,10 @@ def prepare(request: ClassifyRequest | ChatInput, engine: Engine, settings: Sett
             f"input is {len(ids)} tokens; this service accepts at most "
             f"{settings.max_input_tokens} (GUARDFLEET_MAX_INPUT_TOKENS)"
         )
-    return GenRequest(ids, max_new, temperature, top_p, seed)
+    prefix_len = (
+        shared_prefix_len(engine, ids, request) if isinstance(request, ClassifyRequest) else 0
+    )
+    return GenRequest(ids, max_new, temperature, top_p, seed, prefix_len=prefix_len)
 
 
 def label_score(engine: Engine, timed: Timed, text: str, field: str) -> float | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from worker.batching import BatchPolicy, Pending, next_deadline, take_batch
@@ -41,15 +43,41 @@ class Runner:
         self.engine = engine
         self.policy = policy
         self._pending: list[Pending[_Work]] = []
+        self._incoming = 0  # task threads that will submit soon: worth waiting for
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()
 
+    @contextmanager
+    def arriving(self) -> Iterator[Callable[[GenRequest], Future[Timed]]]:
+        """Announce a request that is being prepared, so a batch waits for it; yields `submit`.
+
+        Leaving the block without submitting (the job failed early) withdraws the announcement.
+        """
+        with self._cond:
+            self._incoming += 1
+        pending = True
+
+        def submit(request: GenRequest) -> Future[Timed]:
+            nonlocal pending
+            with self._cond:
+                pending, self._incoming = False, self._incoming - 1
+            return self.submit(request)
+
+        try:
+            yield submit
+        finally:
+            if pending:
+                with self._cond:
+                    self._incoming -= 1
+                    self._cond.notify()
+
     def submit(self, request: GenRequest) -> Future[Timed]:
         future: Future[Timed] = Future()
-        key = (request.sampling_key, request.max_new_tokens)
-        item = Pending(_Work(request, future), len(request.prompt_ids), key, time.monotonic())
+        item = Pending(
+            _Work(request, future), len(request.prompt_ids), request.batch_key, time.monotonic()
+        )
         with self._cond:
             if self._stopped:
                 raise RuntimeError("the model thread has stopped")
@@ -66,7 +94,7 @@ class Runner:
     def _next_batch(self) -> list[Pending[_Work]]:
         with self._cond:
             while not self._stopped:
-                batch = take_batch(self._pending, time.monotonic(), self.policy)
+                batch = take_batch(self._pending, time.monotonic(), self.policy, self._incoming > 0)
                 if batch:
                     return batch
                 deadline = next_deadline(self._pending, self.policy)

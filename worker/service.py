@@ -65,13 +65,33 @@ class WorkerService:
         self.runner.stop()
 
     def run(self, job_id: str) -> None:
+        with self.runner.arriving() as submit:
+            job = self._start(job_id)
+            if job is None:
+                return
+            try:
+                prepared = prepare(job.request, self.engine, self.settings)
+                future = submit(prepared)
+            except Exception as exc:
+                self._finish(job, self._failed(job, exc))
+                return
+        try:
+            timed = future.result()
+            result = interpret(job.request, timed, self.engine, self.settings)
+            done = job.model_copy(update={"status": JobStatus.SUCCEEDED, "result": result})
+        except Exception as exc:
+            done = self._failed(job, exc)
+        self._finish(job, done)
+
+    def _start(self, job_id: str) -> Job | None:
+        """Mark the job running, or return None if there is nothing (left) to do."""
         job = self.store.get(job_id)
         if job is None:
             log.warning("job %s expired or never existed; nothing to do", job_id)
-            return
+            return None
         if job.status.terminal:
             log.info("job %s is already %s (redelivery); skipping", job_id, job.status)
-            return
+            return None
         job = job.model_copy(
             update={
                 "status": JobStatus.RUNNING,
@@ -84,21 +104,16 @@ class WorkerService:
             self.store.save(job)
         except TransitionRefused as exc:  # cancelled or finished since we read it
             log.info("not running job %s: %s", job_id, exc)
-            return
-        self._finish(job, self._compute(job))
+            return None
+        return job
 
-    def _compute(self, job: Job) -> Job:
-        try:
-            prepared = prepare(job.request, self.engine, self.settings)
-            timed = self.runner.submit(prepared).result()
-            result = interpret(job.request, timed, self.engine, self.settings)
-            return job.model_copy(update={"status": JobStatus.SUCCEEDED, "result": result})
-        except GuardfleetError as exc:
+    def _failed(self, job: Job, exc: Exception) -> Job:
+        if isinstance(exc, GuardfleetError):
             error = JobError(
                 type=exc.type, message=exc.message, raw_output=getattr(exc, "raw_output", None)
             )
-        except Exception as exc:  # a bug or a device fault: fail the job loudly, never drop it
-            log.exception("job %s failed unexpectedly", job.id)
+        else:  # a bug or a device fault: fail the job loudly, never drop it
+            log.error("job %s failed unexpectedly", job.id, exc_info=exc)
             error = JobError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
         return job.model_copy(update={"status": JobStatus.FAILED, "error": error})
 

@@ -66,3 +66,9 @@ def test_empty_queue() -> None:
 def test_policy_is_validated() -> None:
     with pytest.raises(ValueError, match="positive"):
         BatchPolicy(max_batch_size=0)
+
+
+def test_runs_at_once_when_nothing_more_is_coming() -> None:
+    queue = pending((10, "a", 0.0))
+    assert take_batch(queue, now=0.001, policy=POLICY, more_coming=True) == []
+    assert [p.item for p in take_batch(queue, now=0.001, policy=POLICY, more_coming=False)] == [0]
