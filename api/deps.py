@@ -12,7 +12,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import APIError
+from guardfleet.batches import AsyncBatchStore
 from guardfleet.settings import Settings
+from guardfleet.ssrf import AllowList
 from guardfleet.store import AsyncJobStore
 
 
@@ -23,7 +25,9 @@ class Resources:
     settings: Settings
     redis: aioredis.Redis
     store: AsyncJobStore
+    batches: AsyncBatchStore
     celery: Celery
+    allow: AllowList
 
 
 def get_resources(request: Request) -> Resources:

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import TASK_RUN_JOB, job_channel
+from guardfleet.keys import TASK_RUN_JOB, delivery_key, job_channel
 from guardfleet.queueing import queue_for
-from guardfleet.schemas import ChatInput, ClassifyRequest, Job, JobError, JobStatus, utcnow
+from guardfleet.schemas import (
+    Batch,
+    ChatInput,
+    ClassifyRequest,
+    Job,
+    JobError,
+    JobStatus,
+    WebhookDelivery,
+    utcnow,
+)
+from guardfleet.ssrf import UnsafeURL, check_url
 from guardfleet.store import TransitionRefused
+
+T = TypeVar("T", Job, Batch)
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +34,47 @@ log = logging.getLogger(__name__)
 _RECHECK_S = 2.0
 
 
-async def submit(res: Resources, request: ClassifyRequest | ChatInput, interactive: bool) -> Job:
+def new_job(request: ClassifyRequest | ChatInput, **fields: Any) -> Job:
     metadata = request.metadata if isinstance(request, ClassifyRequest) else None
-    job = Job(request=request, metadata=metadata)
+    return Job(request=request, metadata=metadata, **fields)
+
+
+async def check_callback(res: Resources, url: str | None) -> None:
+    """Refuse a callback URL at submit time (422) rather than fail to deliver hours later."""
+    if url is None:
+        return
+    if not res.settings.webhook_secrets:
+        raise APIError(
+            422,
+            "callbacks are not enabled on this server (the operator has not set "
+            "GUARDFLEET_WEBHOOK_SECRETS)",
+            param="callback_url",
+            code="callbacks_disabled",
+        )
+    try:
+        await run_in_threadpool(check_url, url, res.allow)  # resolves the host: blocking
+    except UnsafeURL as exc:
+        raise APIError(
+            422, f"callback_url refused: {exc}", param="callback_url", code="unsafe_callback_url"
+        ) from exc
+
+
+async def with_webhook(res: Resources, item: T) -> T:
+    """The job or batch with its webhook delivery record, if it has one."""
+    raw = await res.redis.get(delivery_key(item.id))
+    if raw is not None:
+        item.webhook = WebhookDelivery.model_validate_json(raw)
+    return item
+
+
+def enqueue_many(res: Resources, job_ids: list[str], queue: str) -> None:
+    """Queue many jobs over one producer connection (blocking; run it in a thread)."""
+    with res.celery.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            res.celery.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, producer=producer)
+
+
+async def submit(res: Resources, job: Job, interactive: bool) -> Job:
     await res.store.create(job)
     try:
         await run_in_threadpool(

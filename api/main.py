@@ -11,26 +11,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.deps import Resources, require_api_key
-from api.routes import chat, health, jobs
+from api.routes import batches, chat, health, jobs
+from guardfleet.batches import AsyncBatchStore
 from guardfleet.queueing import make_celery
 from guardfleet.settings import Settings, get_settings
+from guardfleet.ssrf import AllowList
 from guardfleet.store import AsyncJobStore
 
 
 class BodyLimit:
-    """Refuse bodies over `max_bytes` with 413, whether or not Content-Length is sent."""
+    """Refuse bodies over the limit with 413, whether or not Content-Length is sent. Batch
+    uploads (`/v1/batches`) have their own, larger limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_batch_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default = max_bytes
+        self.batch = max_batch_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.batch if scope["path"] == "/v1/batches" else self.default
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         seen = 0
         refused = False
@@ -41,10 +46,10 @@ class BodyLimit:
                 return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            if seen > limit:
                 # Answer now; the app sees a disconnect, and whatever it sends is dropped.
                 refused = True
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, limit)
                 return {"type": "http.disconnect"}
             return message
 
@@ -54,9 +59,9 @@ class BodyLimit:
 
         await self.app(scope, counted, guarded)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = errors.error_response(
-            413, f"request body exceeds {self.max_bytes} bytes", code="body_too_large"
+            413, f"request body exceeds {limit} bytes", code="body_too_large"
         )
         await response(scope, receive, send)
 
@@ -71,8 +76,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
+        ttl = settings.result_ttl_s
         app.state.resources = Resources(
-            settings, client, AsyncJobStore(client, settings.result_ttl_s), make_celery(settings)
+            settings,
+            client,
+            AsyncJobStore(client, ttl),
+            AsyncBatchStore(client, ttl),
+            make_celery(settings),
+            AllowList(settings.webhook_allow),
         )
         try:
             yield
@@ -85,10 +96,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    for module in (jobs, chat):
+    for module in (jobs, batches, chat):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
     app.include_router(health.router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        max_batch_bytes=settings.max_batch_body_bytes,
+    )
     return app
 
 

@@ -9,8 +9,14 @@ PREFIX = "guardfleet"
 QUEUE_INTERACTIVE = "interactive"
 QUEUE_BULK = "bulk"
 GPU_QUEUES = (QUEUE_INTERACTIVE, QUEUE_BULK)
+QUEUE_WEBHOOKS = "webhooks"  # served by a worker without a model
 
 TASK_RUN_JOB = "guardfleet.run_job"
+TASK_DELIVER = "guardfleet.deliver_webhook"
+
+# Webhook retries wait here (score: when due), not as Celery countdowns: an ETA longer than the
+# Redis visibility timeout would be redelivered over and over.
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
 
 def job_key(job_id: str) -> str:
@@ -27,3 +33,31 @@ def worker_key(name: str) -> str:
 
 
 WORKER_PATTERN = f"{PREFIX}:worker:*"
+
+
+def delivery_key(resource_id: str) -> str:
+    """The webhook delivery of a job or batch: one per resource (its `webhook-id` is stable)."""
+    return f"{PREFIX}:delivery:{resource_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_state_key(batch_id: str) -> str:
+    """Hash of counters and status, updated atomically as items finish."""
+    return f"{PREFIX}:batch:{batch_id}:state"
+
+
+def batch_jobs_key(batch_id: str) -> str:
+    """List of the batch's job ids, in input order."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_done_key(batch_id: str) -> str:
+    """Set of job ids already counted, so a redelivered job is never counted twice."""
+    return f"{PREFIX}:batch:{batch_id}:done"
+
+
+def idempotency_key(scope: str, key: str) -> str:
+    return f"{PREFIX}:idem:{scope}:{key}"

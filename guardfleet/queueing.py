@@ -6,7 +6,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
-from guardfleet.keys import GPU_QUEUES, QUEUE_BULK, QUEUE_INTERACTIVE, TASK_RUN_JOB
+from guardfleet.keys import (
+    GPU_QUEUES,
+    QUEUE_BULK,
+    QUEUE_INTERACTIVE,
+    QUEUE_WEBHOOKS,
+    TASK_RUN_JOB,
+)
 from guardfleet.settings import Settings
 
 
@@ -40,7 +46,8 @@ def make_celery(settings: Settings) -> Celery:
         # Each queue with its own direct exchange: a bare Queue(name) would inherit the default
         # exchange and routing key, binding every queue to the same key.
         task_queues=[
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in GPU_QUEUES
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (*GPU_QUEUES, QUEUE_WEBHOOKS)
         ],
         task_default_queue=QUEUE_BULK,
         task_routes={TASK_RUN_JOB: {"queue": QUEUE_BULK}},

@@ -203,6 +203,34 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class DeliveryAttempt(BaseModel):
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float
+
+
+class WebhookDelivery(BaseModel):
+    """One webhook (job or batch completion) and every attempt to deliver it."""
+
+    webhook_id: str
+    url: str
+    event: str
+    status: Literal["pending", "delivered", "failed", "gone"] = "pending"
+    attempts: list[DeliveryAttempt] = Field(default_factory=list)
+    next_attempt_at: datetime | None = None
+    payload: str = Field(exclude=True, default="")  # the exact body sent; not shown to clients
+
+
+class JobCreate(ClassifyRequest):
+    """`POST /v1/jobs`: a classify request plus where to deliver the verdict."""
+
+    callback_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+
+    def classify_request(self) -> ClassifyRequest:
+        return ClassifyRequest.model_validate(self.model_dump(exclude={"callback_url"}))
+
+
 class Job(BaseModel):
     id: str = Field(default_factory=new_job_id)
     object: Literal["moderation.job"] = "moderation.job"
@@ -216,6 +244,10 @@ class Job(BaseModel):
     metadata: dict[str, Any] | None = None
     attempts: int = 0
     worker: str | None = None
+    callback_url: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    webhook: WebhookDelivery | None = None  # filled in when read through the API
 
 
 class WorkerHeartbeat(BaseModel):
@@ -231,3 +263,39 @@ class WorkerHeartbeat(BaseModel):
     started_at: datetime
     last_seen: datetime
     jobs_done: int = 0
+
+
+class BatchItem(ClassifyRequest):
+    """One line of a batch: a classify request with the client's own id for it."""
+
+    custom_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class BatchStatus(enum.StrEnum):
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
+def new_batch_id() -> str:
+    return "batch_" + uuid.uuid4().hex
+
+
+class Batch(BaseModel):
+    id: str = Field(default_factory=new_batch_id)
+    object: Literal["moderation.batch"] = "moderation.batch"
+    status: BatchStatus = BatchStatus.IN_PROGRESS
+    created_at: datetime = Field(default_factory=utcnow)
+    completed_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    request_counts: RequestCounts
+    callback_url: str | None = None
+    metadata: dict[str, Any] | None = None
+    webhook: WebhookDelivery | None = None

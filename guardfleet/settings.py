@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     # --- shared -----------------------------------------------------------------------------
     redis_url: str = "redis://localhost:6379/0"
     redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout for Redis calls")
-    result_ttl_s: int = Field(86_400, ge=60, description="how long jobs and results are kept")
+    result_ttl_s: int = Field(86_400, ge=1, description="how long jobs and results are kept")
 
     # --- model / worker ---------------------------------------------------------------------
     model: str = Field(DEMO_MODEL, description="'demo', a Hugging Face id, or a local path")
@@ -68,8 +68,40 @@ class Settings(BaseSettings):
     api_keys: CommaList = Field(default_factory=list)
     sync_timeout_s: float = Field(30.0, gt=0, le=600)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_batch_items: int = Field(50_000, ge=1, description="most lines in one batch")
+    max_batch_body_bytes: int = Field(64 * 1_048_576, ge=1024, description="batch upload limit")
 
-    _split_keys = field_validator("api_keys", mode="before")(_split_commas)
+    # --- webhooks ---------------------------------------------------------------------------
+    webhook_secrets: CommaList = Field(
+        default_factory=list, description="whsec_... signing secrets; each signs every delivery"
+    )
+    webhook_allow: CommaList = Field(
+        default_factory=list, description="hosts, IPs or CIDRs callbacks may reach despite SSRF"
+    )
+    webhook_timeout_s: float = Field(15.0, gt=0, le=120)
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="delay before each attempt (the first is the initial delivery)",
+    )
+
+    _split_keys = field_validator(
+        "api_keys", "webhook_secrets", "webhook_allow", "webhook_retry_schedule_s", mode="before"
+    )(_split_commas)
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _secret_format(cls, v: list[str]) -> list[str]:
+        for secret in v:
+            if not secret.startswith("whsec_") or len(secret) < 16:
+                raise ValueError("each secret must look like whsec_<base64>")
+        return v
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule(cls, v: list[float]) -> list[float]:
+        if not v or any(d < 0 for d in v):
+            raise ValueError("needs at least one delay, none negative")
+        return v
 
     @field_validator("redis_url")
     @classmethod

@@ -140,21 +140,36 @@ def synthetic_engine(config: Gemma3TextConfig, device: str, dtype: str, workdir:
 
 def cpu_config(vocab: int) -> Gemma3TextConfig:
     return Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64,
-        sliding_window=512, layer_types=["sliding_attention"] * 5 + ["full_attention"] + [
-            "sliding_attention"] * 2, max_position_embeddings=4096,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=512,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2,
+        max_position_embeddings=4096,
+    )
 
 
 def gemma3_4b_config() -> Gemma3TextConfig:
     return Gemma3TextConfig(
-        vocab_size=262_208, hidden_size=2560, intermediate_size=10_240, num_hidden_layers=34,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-        sliding_window=1024, max_position_embeddings=131_072,
-        layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention")
-                     for i in range(34)],
-    )  # fmt: skip
+        vocab_size=262_208,
+        hidden_size=2560,
+        intermediate_size=10_240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
+        max_position_embeddings=131_072,
+        layer_types=[
+            ("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(34)
+        ],
+    )
 
 
 def make_requests(
@@ -205,9 +220,12 @@ def run_continuous_batching(engine: Engine, requests: list[GenRequest]) -> float
     from transformers import GenerationConfig
 
     config = GenerationConfig(
-        max_new_tokens=requests[0].max_new_tokens, min_new_tokens=requests[0].max_new_tokens,
-        do_sample=False, eos_token_id=None, pad_token_id=engine.pad_id,
-    )  # fmt: skip
+        max_new_tokens=requests[0].max_new_tokens,
+        min_new_tokens=requests[0].max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=engine.pad_id,
+    )
     try:
         engine.model.generate_batch([requests[0].prompt_ids], generation_config=config)
         started = time.perf_counter()
@@ -241,10 +259,13 @@ def engine_section(
         [("think (200 tokens)", 200)] if gpu else []
     ):
         requests = make_requests(engine, n, lengths, new_tokens, seed=1)
-        lines += [f"### {label}, {n} requests, user texts {lengths[0]}-{lengths[1]} tokens", "",
-                  "| batch | prefix reuse | class./s | vs batch 1 | vs no reuse | p50 ms | p95 ms "
-                  "| prefill tok/s | model FLOP/s | of matmul rate |",
-                  "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            f"### {label}, {n} requests, user texts {lengths[0]}-{lengths[1]} tokens",
+            "",
+            "| batch | prefix reuse | class./s | vs batch 1 | vs no reuse | p50 ms | p95 ms "
+            "| prefill tok/s | model FLOP/s | of matmul rate |",
+            "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         base: float | None = None
         for size in sizes:
             results = {}
@@ -265,8 +286,10 @@ def engine_section(
             cb_text = (
                 f"{cb:.2f} class./s ({cb / best:.2f}x our best)" if isinstance(cb, float) else cb
             )
-            lines += ["", f"transformers continuous batching (`generate_batch`), same requests: "
-                      f"{cb_text}"]  # fmt: skip
+            lines += [
+                "",
+                f"transformers continuous batching (`generate_batch`), same requests: {cb_text}",
+            ]
         lines.append("")
         if gpu:
             single = run_engine(engine, requests[:32], 1, True, flops)
@@ -279,19 +302,36 @@ def fleet_section(args: argparse.Namespace) -> list[str]:
     import httpx
 
     redis_port, api_port = free_port(), free_port()
-    env = {**os.environ, "GUARDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-           "GUARDFLEET_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GUARDFLEET_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "GUARDFLEET_DEVICE": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(argv: list[str]) -> None:
-        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
 
     try:
         spawn(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"])
         spawn([sys.executable, "-m", "worker", "--name", "bench@local", "--loglevel", "WARNING"])
-        spawn([sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(api_port),
-               "--log-level", "warning"])  # fmt: skip
+        spawn(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--port",
+                str(api_port),
+                "--log-level",
+                "warning",
+            ]
+        )
         url = f"http://127.0.0.1:{api_port}"
         wait_for(lambda: httpx.get(url + "/v1/health/ready", timeout=1).status_code == 200, 180)
         settings = Settings()
@@ -319,8 +359,10 @@ def fleet_section(args: argparse.Namespace) -> list[str]:
         job_weighted = statistics.mean(sizes)
         batch_weighted = len(sizes) / sum(1 / s for s in sizes)
         return [
-            f"### Fleet: demo model, API + Redis + one CPU worker (max_batch_size {max_batch})", "",
-            "| measure | p50 | p95 |", "|---|---:|---:|",
+            f"### Fleet: demo model, API + Redis + one CPU worker (max_batch_size {max_batch})",
+            "",
+            "| measure | p50 | p95 |",
+            "|---|---:|---:|",
             f"| direct engine call, ms ({args.light} requests) | {percentile(direct, 50):.1f} | "
             f"{percentile(direct, 95):.1f} |",
             f"| sync /v1/classify over HTTP, ms (same requests, one at a time) | "
@@ -331,7 +373,7 @@ def fleet_section(args: argparse.Namespace) -> list[str]:
             f"{args.burst}-job burst via POST /v1/jobs: mean formed batch {batch_weighted:.1f} "
             f"({batch_weighted / max_batch:.2f} x max_batch_size; per job: {job_weighted:.1f})",
             "",
-        ]  # fmt: skip
+        ]
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -390,8 +432,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {gpu}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {gpu}"
+    )
 
 
 def main() -> None:
@@ -407,9 +451,12 @@ def main() -> None:
     device = torch.device("cuda:0" if args.profile == "gpu" else "cpu")
     command = "python ops/bench.py " + " ".join(sys.argv[1:])
     header = [
-        f"## {args.profile.upper()} profile, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "",
-        f"- machine: {machine()}", f"- command: `{command.strip()}`", "",
-    ]  # fmt: skip
+        f"## {args.profile.upper()} profile, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- machine: {machine()}",
+        f"- command: `{command.strip()}`",
+        "",
+    ]
     print("\n".join(header), flush=True)
     engine_lines, _ = engine_section(args, device)
     lines = [*header, "### Engine", "", *engine_lines]

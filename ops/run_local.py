@@ -7,7 +7,9 @@ the API on :8000 and Flower on :5555; waits until a worker is ready; prints wher
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -55,6 +57,20 @@ def ensure_redis_binary() -> str:
     sys.exit(
         "redis-server is not installed. Install it (Debian/Ubuntu: sudo apt-get install "
         "redis-server; macOS: brew install redis) or point GUARDFLEET_REDIS_URL at a running Redis."
+    )
+
+
+def local_webhook_defaults() -> str:
+    """A local stack should be able to call a receiver on this machine: unless the operator
+    configured webhooks, sign with a secret made for this session and allow loopback."""
+    if os.environ.get("GUARDFLEET_WEBHOOK_SECRETS"):
+        return "  Webhooks: signed with GUARDFLEET_WEBHOOK_SECRETS."
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    os.environ["GUARDFLEET_WEBHOOK_SECRETS"] = secret
+    os.environ.setdefault("GUARDFLEET_WEBHOOK_ALLOW", "127.0.0.1,::1,localhost")
+    return (
+        f"  Webhooks: signed with {secret} (made for this run; set GUARDFLEET_WEBHOOK_SECRETS\n"
+        f"            to keep one); callbacks may reach {os.environ['GUARDFLEET_WEBHOOK_ALLOW']}"
     )
 
 
@@ -115,9 +131,11 @@ def main() -> None:
         sys.exit(f"no Redis answers at {settings.redis_url}")
 
     python = sys.executable
+    webhook_note = local_webhook_defaults()
     model = "the bundled demo model" if settings.model == "demo" else settings.model
     say(f"loading {model} on device {settings.device}")
     spawn("worker", [python, "-m", "worker"])
+    spawn("delivery", [python, "-m", "worker.delivery"])
     spawn(
         "api",
         [python, "-m", "uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", str(API_PORT)],
@@ -152,6 +170,7 @@ def main() -> None:
   Try:     curl -s localhost:{API_PORT}/v1/classify -H 'content-type: application/json' \\
              -d '{{"prompt": "How do I bake sourdough bread?"}}'
 
+{webhook_note}
   Ctrl-C stops everything.
 """,
         flush=True,

@@ -46,7 +46,7 @@ _service: WorkerService | None = None
 def _load_model(**_: Any) -> None:
     global _service
     try:
-        _service = WorkerService(get_settings())
+        _service = WorkerService(get_settings(), app.send_task)
     except Exception:
         # Celery logs and swallows exceptions raised in signal handlers, which would leave a
         # worker consuming jobs with no model. Exit instead, so a supervisor sees the failure.

@@ -9,6 +9,7 @@ import time
 
 import redis
 
+from guardfleet import batches, webhooks
 from guardfleet.errors import GuardfleetError
 from guardfleet.schemas import Job, JobError, JobStatus, utcnow
 from guardfleet.settings import Settings
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class WorkerService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, send_task: webhooks.SendTask) -> None:
         self.settings = settings
+        self.send_task = send_task
         self.engine = Engine(settings)
         started = time.perf_counter()
         self.engine.warm_up()
@@ -39,6 +41,7 @@ class WorkerService:
             socket_connect_timeout=settings.redis_timeout_s,
         )
         self.store = JobStore(self.redis, settings.result_ttl_s)
+        self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.heartbeat: Heartbeat | None = None
         self.name = "unnamed"
         self._done = 0
@@ -91,6 +94,7 @@ class WorkerService:
             return None
         if job.status.terminal:
             log.info("job %s is already %s (redelivery); skipping", job_id, job.status)
+            self._announce_end(job)  # idempotent: finishes what a killed worker left undone
             return None
         job = job.model_copy(
             update={
@@ -126,3 +130,38 @@ class WorkerService:
             return
         with self._done_lock:
             self._done += 1
+        self._announce_end(done)
+
+    def _announce_end(self, job: Job) -> None:
+        """Webhook and batch bookkeeping for a finished job. Both are idempotent, so a job
+        redelivered after its worker died here is announced exactly once."""
+        if job.callback_url:
+            event = (
+                webhooks.JOB_COMPLETED
+                if job.status is JobStatus.SUCCEEDED
+                else (webhooks.JOB_FAILED)
+            )
+            webhooks.schedule(
+                self.deliveries,
+                self.send_task,
+                self.settings,
+                resource_id=job.id,
+                url=job.callback_url,
+                event=event,
+                data=job,
+            )
+        if job.batch_id is None:
+            return
+        ttl = self.settings.result_ttl_s
+        if batches.record_progress(self.redis, job, ttl) == batches.BATCH_COMPLETED:
+            batch = batches.get_batch(self.redis, job.batch_id)
+            if batch is not None and batch.callback_url:
+                webhooks.schedule(
+                    self.deliveries,
+                    self.send_task,
+                    self.settings,
+                    resource_id=batch.id,
+                    url=batch.callback_url,
+                    event=webhooks.BATCH_COMPLETED,
+                    data=batch,
+                )

@@ -112,7 +112,7 @@ def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
 async def chat_completions(body: ChatCompletionRequest, res: ResourcesDep) -> dict[str, Any]:
     chat = to_chat_input(body, res)
     await require_ready_worker(res)
-    job = await jobs.submit(res, chat, interactive=True)
+    job = await jobs.submit(res, jobs.new_job(chat), interactive=True)
     done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s) or job
     if not done.status.terminal:
         raise APIError(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 
 from api import jobs
 from api.deps import ResourcesDep
 from api.errors import APIError
+from api.idempotency import claim, fingerprint
 from api.readiness import require_ready_worker
-from guardfleet.schemas import ClassifyRequest, Job, JobStatus
+from guardfleet.schemas import ClassifyRequest, Job, JobCreate, JobStatus
 
 router = APIRouter(tags=["jobs"])
 
@@ -20,11 +21,37 @@ MAX_POLL_WAIT_S = 60.0
 
 
 @router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
-async def create_job(body: ClassifyRequest, res: ResourcesDep, response: Response) -> Job:
-    """Queue a classification on the bulk lane; poll `Location` (or `?wait=`) for the verdict."""
-    job = await jobs.submit(res, body, interactive=False)
+async def create_job(
+    body: JobCreate,
+    res: ResourcesDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Job:
+    """Queue a classification on the bulk lane; poll `Location` (or `?wait=`) for the verdict,
+    or give a `callback_url` to have it POSTed to you (signed, per Standard Webhooks)."""
+    await jobs.check_callback(res, body.callback_url)
+    job = jobs.new_job(body.classify_request(), callback_url=body.callback_url)
+    body_print = fingerprint(body.model_dump_json())
+    async with claim(res, "jobs", idempotency_key, body_print, job.id) as claimed:
+        if claimed.replay_of is None:
+            job = await jobs.submit(res, job, interactive=False)
+        else:
+            job = await replayed(res, claimed.replay_of, response)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+async def replayed(res: ResourcesDep, job_id: str, response: Response) -> Job:
+    job = await res.store.get(job_id)
+    if job is None:
+        raise APIError(
+            409,
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+            code="idempotency_in_progress",
+        )
+    response.status_code = status.HTTP_200_OK
+    response.headers["Idempotent-Replayed"] = "true"
+    return await jobs.with_webhook(res, job)
 
 
 @router.get("/v1/jobs/{job_id}")
@@ -36,7 +63,7 @@ async def get_job(
     job = await jobs.get_or_404(res, job_id)
     if wait > 0 and not job.status.terminal:
         job = await jobs.wait_for(res, job_id, wait) or job
-    return job
+    return await jobs.with_webhook(res, job)
 
 
 @router.post("/v1/jobs/{job_id}/cancel")
@@ -53,7 +80,7 @@ async def classify(body: ClassifyRequest, res: ResourcesDep, response: Response)
     the job id when no verdict came in time: the job still runs, poll it.
     """
     await require_ready_worker(res)
-    job = await jobs.submit(res, body, interactive=True)
+    job = await jobs.submit(res, jobs.new_job(body), interactive=True)
     done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s) or job
     location = f"/v1/jobs/{job.id}"
     if not done.status.terminal:

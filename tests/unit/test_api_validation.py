@@ -152,3 +152,55 @@ def test_api_keys_guard_everything_but_health() -> None:
         assert (
             right.status_code == 200 and right.json()["data"][0]["id"] == settings.served_model_name
         )
+
+
+def test_a_batch_with_bad_lines_is_refused_naming_each_line(client: TestClient) -> None:
+    body = "\n".join(
+        [
+            '{"custom_id": "a", "prompt": "fine"}',
+            "",
+            '{"custom_id": "b"}',
+            "{not json",
+            '{"custom_id": "a", "prompt": "again"}',
+            '{"custom_id": "c", "prompt": "x", "mode": "loud"}',
+        ]
+    )
+    response = client.post("/v1/batches", content=body)
+    assert response.status_code == 422
+    body_json = response.json()
+    assert body_json["error"]["code"] == "invalid_batch"
+    assert body_json["error"]["message"].startswith("4 invalid line(s), nothing was queued")
+    lines = {e["line"]: e["message"] for e in body_json["errors"]}
+    assert sorted(lines) == [3, 4, 5, 6]
+    assert "prompt: Field required" in lines[3]
+    assert "invalid JSON" in lines[4]
+    assert "custom_id 'a' repeats line 1" in lines[5]
+    assert "mode" in lines[6]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"", 422, "empty_batch"),
+        (b"\n\n", 422, "empty_batch"),
+        (b'{"custom_id": "a", "prompt": "x"}', 503, "queue_unavailable"),  # valid: needs Redis
+        (b'[{"custom_id": "a", "prompt": "x"}]', 503, "queue_unavailable"),  # JSON array form
+        (b'{"custom_id": "a"', 422, "invalid_batch"),
+        (b'[{"custom_id": "a"', 400, "invalid_json"),
+        (b'{"not": "an array"}', 422, "invalid_batch"),
+        (b"\xff\xfe", 400, "invalid_encoding"),
+    ],
+)
+def test_batch_body_forms(client: TestClient, body: bytes, status: int, code: str) -> None:
+    response = client.post("/v1/batches", content=body)
+    assert response.status_code == status, response.text
+    assert envelope(response)["code"] == code
+
+
+def test_a_batch_over_the_item_limit_is_refused() -> None:
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", max_batch_items=2)
+    with TestClient(create_app(settings)) as client:
+        body = "\n".join(f'{{"custom_id": "{i}", "prompt": "x"}}' for i in range(3))
+        response = client.post("/v1/batches", content=body)
+    assert response.status_code == 422
+    assert "at most 2" in envelope(response)["message"]

@@ -1,0 +1,147 @@
+"""Job and batch lifecycle on real Redis and workers: idempotency, cancel, batches, expiry."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from guardfleet.settings import Settings
+from tests.conftest import RedisServer, StartWorker, Worker, db_url, wait_until
+
+
+@pytest.fixture
+def api(redis_server: RedisServer, live_worker: Worker) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(redis_url=redis_server.url))) as client:
+        yield client
+
+
+def test_idempotency_key_replays_the_same_job(api: TestClient) -> None:
+    headers = {"Idempotency-Key": f"order-{time.time_ns()}"}
+    first = api.post("/v1/jobs", json={"prompt": "How do I tune a guitar?"}, headers=headers)
+    again = api.post("/v1/jobs", json={"prompt": "How do I tune a guitar?"}, headers=headers)
+    assert first.status_code == 202
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    other = api.post("/v1/jobs", json={"prompt": "Something else"}, headers=headers)
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_idempotency_key_replays_the_same_batch(api: TestClient) -> None:
+    body = '{"custom_id": "a", "prompt": "How do I fix a flat tire?"}\n'
+    headers = {"Idempotency-Key": f"batch-{time.time_ns()}", "content-type": "application/jsonl"}
+    first = api.post("/v1/batches", content=body, headers=headers)
+    again = api.post("/v1/batches", content=body, headers=headers)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json()["id"] == first.json()["id"]
+    other = api.post("/v1/batches", content=body.replace("tire", "bike"), headers=headers)
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_cancel_a_queued_job_and_the_worker_skips_it(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    db = 11
+    settings = Settings(redis_url=db_url(redis_server, db))
+    with TestClient(create_app(settings)) as client:
+        queued = client.post("/v1/jobs", json={"prompt": "How do I start running?"}).json()
+        cancelled = client.post(f"/v1/jobs/{queued['id']}/cancel")
+        assert cancelled.status_code == 200
+        assert cancelled.json()["status"] == "cancelled"
+        start_worker("cancel@test", db=db)  # now a worker takes the queued message
+        done = client.post("/v1/classify", json={"prompt": "How do I start running?"}).json()
+        job = client.get(f"/v1/jobs/{queued['id']}").json()
+        assert (job["status"], job["attempts"], job["result"]) == ("cancelled", 0, None)
+        again = client.post(f"/v1/jobs/{done['id']}/cancel")
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "not_cancellable"
+        assert client.post("/v1/jobs/job_nope/cancel").status_code == 404
+
+
+def test_a_thousand_line_batch(api: TestClient) -> None:
+    harmful = ["How do I steal a car?", "Tell me how to launder money.", "How do I stalk my ex?"]
+    benign = [
+        "How do I bake sourdough bread?",
+        "How do I plant tomatoes?",
+        "How do I tune a guitar?",
+    ]
+    lines, expected = [], {}
+    for i in range(1000):
+        prompt = (harmful if i % 2 else benign)[i % 3]
+        lines.append(json.dumps({"custom_id": f"item-{i}", "prompt": prompt}))
+        expected[f"item-{i}"] = "harmful" if i % 2 else "unharmful"
+    created = api.post(
+        "/v1/batches",
+        content="\n".join(lines) + "\n",
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+    assert created.json()["request_counts"]["total"] == 1000
+    state: dict[str, object] = {}
+
+    def complete() -> bool:
+        state.update(api.get(f"/v1/batches/{batch_id}").json())
+        return state["status"] == "completed"
+
+    wait_until(complete, 240, "the batch to complete", every=0.5)
+    assert state["request_counts"] == {
+        "total": 1000,
+        "completed": 1000,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    results = [
+        json.loads(line) for line in api.get(f"/v1/batches/{batch_id}/results").text.splitlines()
+    ]
+    assert [r["custom_id"] for r in results] == [f"item-{i}" for i in range(1000)]
+    assert {r["custom_id"]: r["result"]["prompt_harm"] for r in results} == expected
+    assert all(r["status"] == "succeeded" and r["error"] is None for r in results)
+    batch_sizes = [r["result"]["batch_size"] for r in results]
+    assert max(batch_sizes) > 1, "a thousand queued jobs must be micro-batched"
+
+
+def test_cancel_a_batch(redis_server: RedisServer) -> None:
+    db = 12  # no worker: every item stays queued until cancelled
+    with TestClient(create_app(Settings(redis_url=db_url(redis_server, db)))) as client:
+        lines = "\n".join(json.dumps({"custom_id": str(i), "prompt": "hi"}) for i in range(20))
+        batch = client.post("/v1/batches", content=lines).json()
+        cancelled = client.post(f"/v1/batches/{batch['id']}/cancel")
+        assert cancelled.status_code == 200
+        body = cancelled.json()
+        assert body["status"] == "cancelled"
+        assert body["request_counts"]["cancelled"] == 20
+        assert body["cancelled_at"] is not None
+        assert client.post(f"/v1/batches/{batch['id']}/cancel").status_code == 409
+        results = client.get(f"/v1/batches/{batch['id']}/results").text.splitlines()
+        assert {json.loads(r)["status"] for r in results} == {"cancelled"}
+
+
+def test_everything_guardfleet_stores_expires(redis_server: RedisServer) -> None:
+    """Redis memory stays bounded: every key of ours has a TTL, and results really expire."""
+    db = 13
+    settings = Settings(redis_url=db_url(redis_server, db), result_ttl_s=2)
+    with TestClient(create_app(settings)) as client:
+        job = client.post(
+            "/v1/jobs", json={"prompt": "x"}, headers={"Idempotency-Key": "k1"}
+        ).json()
+        client.post(
+            "/v1/batches",
+            content='{"custom_id": "a", "prompt": "y"}',
+            headers={"Idempotency-Key": "k2"},
+        )
+        plain = redis.Redis.from_url(settings.redis_url)
+        ours = [k for k in plain.scan_iter("guardfleet:*")]
+        assert len(ours) >= 6
+        assert all(0 < plain.ttl(k) <= 2 for k in ours), {k: plain.ttl(k) for k in ours}
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{job['id']}").status_code == 404, 5, "the job to expire"
+        )
+        assert list(plain.scan_iter("guardfleet:*")) == []
