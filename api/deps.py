@@ -28,6 +28,7 @@ class Resources:
     batches: AsyncBatchStore
     celery: Celery
     allow: AllowList
+    ready_until: float = 0.0  # monotonic time until which "a worker is ready" is trusted
 
 
 def get_resources(request: Request) -> Resources:

@@ -32,7 +32,9 @@ def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
-WORKER_PATTERN = f"{PREFIX}:worker:*"
+# Names of workers with a heartbeat, scored by when it expires: readiness reads this instead of
+# scanning the keyspace, which holds every job for a day.
+WORKER_REGISTRY = f"{PREFIX}:workers"
 
 
 def delivery_key(resource_id: str) -> str:

@@ -52,8 +52,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUE_BULK,
         task_routes={TASK_RUN_JOB: {"queue": QUEUE_BULK}},
         worker_hijack_root_logger=False,
-        worker_send_task_events=True,  # Flower's live view
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,  # Flower's live task view
     )
     return app
 

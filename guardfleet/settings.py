@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most requests in one generate call")
     max_wait_ms: float = Field(10.0, ge=0, description="longest a request waits for a batch")
     max_batch_tokens: int = Field(32_768, ge=64, description="rows x longest prompt per batch")
+    task_events: bool = Field(
+        True, description="send Celery task events (Flower's task view; about 1 ms per job)"
+    )
     prefix_cache: bool = Field(
         True, description="reuse the KV cache of the shared taxonomy prefix across requests"
     )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import redis
 
-from guardfleet.keys import worker_key
+from guardfleet.keys import WORKER_REGISTRY, worker_key
 from guardfleet.schemas import WorkerHeartbeat, utcnow
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,13 @@ class Heartbeat:
     def beat(self) -> None:
         self.record.last_seen = utcnow()
         self.record.jobs_done = self.jobs_done()
-        self.client.set(self.key, self.record.model_dump_json(), ex=self.ttl_s)
+        expires = self.record.last_seen.timestamp() + self.ttl_s
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.key, self.record.model_dump_json(), ex=self.ttl_s)
+            pipe.zadd(WORKER_REGISTRY, {self.record.name: expires})
+            pipe.zremrangebyscore(WORKER_REGISTRY, "-inf", expires - 24 * 3600)  # long gone
+            pipe.expire(WORKER_REGISTRY, 24 * 3600)
+            pipe.execute()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -75,5 +81,6 @@ class Heartbeat:
             self._thread.join(timeout=self.interval_s + 1)
         try:
             self.client.delete(self.key)
+            self.client.zrem(WORKER_REGISTRY, self.record.name)
         except redis.RedisError as exc:
             log.warning("could not delete heartbeat (it will expire): %s", exc)

@@ -144,4 +144,4 @@ def test_everything_guardfleet_stores_expires(redis_server: RedisServer) -> None
         wait_until(
             lambda: client.get(f"/v1/jobs/{job['id']}").status_code == 404, 5, "the job to expire"
         )
-        assert list(plain.scan_iter("guardfleet:*")) == []
+        wait_until(lambda: list(plain.scan_iter("guardfleet:*")) == [], 5, "every key to expire")
