@@ -67,13 +67,6 @@ async def with_webhook(res: Resources, item: T) -> T:
     return item
 
 
-def enqueue_many(res: Resources, job_ids: list[str], queue: str) -> None:
-    """Queue many jobs over one producer connection (blocking; run it in a thread)."""
-    with res.celery.producer_or_acquire() as producer:
-        for job_id in job_ids:
-            res.celery.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, producer=producer)
-
-
 async def submit(res: Resources, job: Job, interactive: bool) -> Job:
     await res.store.create(job)
     try:

@@ -126,9 +126,16 @@ class AsyncBatchStore:
         script = self.client.register_script(_CANCEL)
         return bool(await script(keys=[batch_state_key(batch_id)], args=[utcnow().isoformat()]))
 
-    async def record_progress(self, job: Job) -> int:
-        keys, args = _progress_args(job, self.ttl_s)
-        return int(await self.client.register_script(_PROGRESS)(keys=keys, args=args))
+    async def record_progress_many(self, jobs: Sequence[Job]) -> list[int]:
+        """`record_progress` for many jobs in one round trip."""
+        if not jobs:
+            return []
+        script = self.client.register_script(_PROGRESS)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                keys, args = _progress_args(job, self.ttl_s)
+                await script(keys=keys, args=args, client=pipe)
+            return [int(code) for code in await pipe.execute()]
 
     async def jobs(self, batch_id: str) -> AsyncIterator[list[Job | None]]:
         """The batch's jobs in input order, a chunk at a time."""

@@ -3,6 +3,9 @@ consume. Delivery guarantees (at-least-once) are set here, in one place."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
+
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
@@ -59,3 +62,26 @@ def make_celery(settings: Settings) -> Celery:
 
 def queue_for(interactive: bool) -> str:
     return QUEUE_INTERACTIVE if interactive else QUEUE_BULK
+
+
+def publish_jobs(app: Celery, job_ids: Sequence[str], queue: str, chunk: int = 1000) -> None:
+    """Queue one `run_job` task per id, `chunk` messages per Redis round trip.
+
+    A plain `send_task` costs about 1 ms a message here, most of it a round trip and Celery's
+    retry wrapper: 50,000 batch items took 47 s. The same task messages published through
+    kombu's publish batch (a Redis pipeline) take about 0.2 ms each.
+    """
+    with app.producer_or_acquire() as producer, producer.batch(max_size=chunk):
+        for job_id in job_ids:
+            headers, properties, body, _ = app.amqp.as_task_v2(
+                str(uuid.uuid4()), TASK_RUN_JOB, args=[job_id]
+            )
+            producer.publish(
+                body,
+                exchange="",  # straight to the queue's list, as send_task does for direct queues
+                routing_key=queue,
+                headers=headers,
+                serializer="json",
+                retry=False,
+                **properties,
+            )

@@ -239,20 +239,23 @@ def engine_section(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[list[str], dict[str, Any]]:
     gpu = args.profile == "gpu"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    peak = matmul_rate(device, dtype, 8192 if gpu else 2048, 3.0)
+    real_gpu = gpu and not args.smoke
+    dtype = torch.bfloat16 if real_gpu else torch.float32
+    peak = matmul_rate(device, dtype, 8192 if real_gpu else 2048, 3.0)
     tokenizer_vocab = len(AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))
-    config = gemma3_4b_config() if gpu else cpu_config(tokenizer_vocab)
+    config = gemma3_4b_config() if real_gpu else cpu_config(tokenizer_vocab)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = synthetic_engine(config, str(device), "bfloat16" if gpu else "float32", Path(tmp))
+        engine = synthetic_engine(
+            config, str(device), "bfloat16" if real_gpu else "float32", Path(tmp)
+        )
     flops = FlopCounter(config, engine.model)
     lines = [
-        f"Dense matmul rate ({'bf16 8192' if gpu else 'fp32 2048'}^3, this run): "
+        f"Dense matmul rate ({'bf16 8192' if real_gpu else 'fp32 2048'}^3, this run): "
         f"{peak / 1e9:,.0f} GFLOP/s",
         "",
     ]
     facts: dict[str, Any] = {"peak": peak}
-    sizes = [1, 4, 16, 32] + ([64, 128] if gpu else [])
+    sizes = [1, 4, 16, 32] + ([64, 128] if real_gpu else [])
     n = args.requests
     lengths = (100, 100) if gpu else (20, 400)
     for label, new_tokens in [("no_think (12 tokens)", 12)] + (
@@ -445,10 +448,16 @@ def main() -> None:
     parser.add_argument("--light", type=int, default=50, help="sequential fleet requests")
     parser.add_argument("--burst", type=int, default=1000, help="jobs in the fleet burst")
     parser.add_argument("--skip-fleet", action="store_true")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="with --profile gpu: run its code path on the CPU with the small model, to check "
+        "the script before spending device time (writes no results)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
-    device = torch.device("cuda:0" if args.profile == "gpu" else "cpu")
+    device = torch.device("cuda:0" if args.profile == "gpu" and not args.smoke else "cpu")
     command = "python ops/bench.py " + " ".join(sys.argv[1:])
     header = [
         f"## {args.profile.upper()} profile, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
@@ -464,7 +473,8 @@ def main() -> None:
         lines += fleet_section(args)
     text = "\n".join(lines)
     print(text)
-    write_results(args.out, args.profile, text)
+    if not args.smoke:
+        write_results(args.out, args.profile, text)
 
 
 def write_results(path: Path, profile: str, section: str) -> None:

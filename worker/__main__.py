@@ -29,8 +29,9 @@ def main() -> None:
     if args.device:
         os.environ["GUARDFLEET_DEVICE"] = args.device
     from guardfleet.settings import get_settings  # after the environment is final
+    from worker.engine import resolve_device
 
-    device = get_settings().device
+    device = str(resolve_device(get_settings().device))  # name it after what "auto" chose
     name = args.name or f"worker-{device.replace(':', '')}@{socket.gethostname()}"
     from worker.celery_app import app
 

@@ -22,6 +22,7 @@ from api.errors import APIError
 from api.idempotency import claim, fingerprint
 from guardfleet.batches import BATCH_COMPLETED
 from guardfleet.keys import QUEUE_BULK
+from guardfleet.queueing import publish_jobs
 from guardfleet.schemas import (
     Batch,
     BatchItem,
@@ -32,7 +33,6 @@ from guardfleet.schemas import (
     RequestCounts,
     utcnow,
 )
-from guardfleet.store import TransitionRefused
 
 router = APIRouter(tags=["batches"])
 MAX_REPORTED_ERRORS = 100
@@ -145,7 +145,7 @@ async def _create(res: Resources, batch: Batch, items: list[BatchItem]) -> None:
     ]
     await res.batches.create(batch, batch_jobs)
     try:
-        await run_in_threadpool(jobs.enqueue_many, res, [j.id for j in batch_jobs], QUEUE_BULK)
+        await run_in_threadpool(publish_jobs, res.celery, [j.id for j in batch_jobs], QUEUE_BULK)
     except Exception as exc:
         # Some jobs may be queued, others not: cancel what is still queued, so nothing waits
         # forever, and tell the client to resubmit.
@@ -214,17 +214,16 @@ async def cancel_batch(batch_id: str, res: ResourcesDep) -> Batch:
 
 
 async def _cancel_queued(res: Resources, batch: Batch) -> None:
+    """Cancel every still-queued item, a pipelined chunk at a time; items a worker started
+    meanwhile are refused by the transition script and counted when they end."""
     await res.batches.mark_cancelled(batch.id)
     async for chunk in res.batches.jobs(batch.id):
-        for job in chunk:
-            if job is None or job.status is not JobStatus.QUEUED:
-                continue
-            cancelled = job.model_copy(
-                update={"status": JobStatus.CANCELLED, "finished_at": utcnow()}
-            )
-            try:
-                await res.store.save(cancelled)
-            except TransitionRefused:
-                continue  # a worker started it meanwhile; it will be counted when it ends
-            # A cancel never completes a batch (it is already `cancelled`).
-            assert await res.batches.record_progress(cancelled) != BATCH_COMPLETED
+        queued = [
+            job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})
+            for job in chunk
+            if job is not None and job.status is JobStatus.QUEUED
+        ]
+        saved = await res.store.save_many(queued)
+        cancelled = [job for job, ok in zip(queued, saved, strict=True) if ok]
+        # A cancel never completes a batch (it is already `cancelled`).
+        assert BATCH_COMPLETED not in await res.batches.record_progress_many(cancelled)
