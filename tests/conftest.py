@@ -21,6 +21,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from guardfleet.queueing import make_celery, publish_jobs, queue_for
+from guardfleet.schemas import ClassifyRequest, Job
+from guardfleet.settings import Settings
+from guardfleet.store import JobStore
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -192,6 +197,17 @@ def live_worker(shared_worker: Worker, redis_server: RedisServer) -> Worker:
     """The shared worker, with its heartbeat restored if a test flushed Redis."""
     wait_until(lambda: shared_worker.heartbeat() is not None, 10, "shared worker heartbeat")
     return shared_worker
+
+
+def queue_backlog(redis_url: str, prompts: list[str]) -> tuple[JobStore, list[str]]:
+    """Create jobs and put them on the bulk lane directly (no API): a backlog for a worker."""
+    settings = Settings(redis_url=redis_url)
+    store = JobStore(redis.Redis.from_url(redis_url), ttl_s=3600)
+    jobs = [Job(request=ClassifyRequest(prompt=prompt)) for prompt in prompts]
+    for job in jobs:
+        store.create(job)
+    publish_jobs(make_celery(settings), [job.id for job in jobs], queue_for(False))
+    return store, [job.id for job in jobs]
 
 
 @dataclass

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from guardfleet.keys import TASK_RUN_JOB
-from guardfleet.queueing import make_celery, queue_for
-from guardfleet.schemas import ClassifyRequest, Job, JobStatus
+from guardfleet.schemas import Job, JobStatus
 from guardfleet.settings import Settings
-from guardfleet.store import JobStore
-from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+from tests.conftest import RedisServer, StartWorker, db_url, queue_backlog, wait_until
 
 THREADS, BATCH = 8, 4
 
@@ -27,14 +23,8 @@ def test_interactive_job_overtakes_the_bulk_backlog(
         GUARDFLEET_WORKER_THREADS=str(THREADS),
     )
     settings = Settings(redis_url=db_url(redis_server, db))
-    store = JobStore(redis.Redis.from_url(settings.redis_url), ttl_s=3600)
-    celery = make_celery(settings)
-    backlog = []
-    for i in range(300):
-        job = Job(request=ClassifyRequest(prompt=f"How do I cook brown rice? #{i}"))
-        store.create(job)
-        celery.send_task(TASK_RUN_JOB, args=[job.id], queue=queue_for(False))
-        backlog.append(job.id)
+    prompts = [f"How do I cook brown rice? #{i}" for i in range(300)]
+    store, backlog = queue_backlog(settings.redis_url, prompts)
 
     def finished() -> list[Job]:
         jobs = (store.get(i) for i in backlog)

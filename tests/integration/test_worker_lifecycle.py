@@ -5,14 +5,9 @@ from __future__ import annotations
 import signal
 import time
 
-import redis
-
-from guardfleet.keys import TASK_RUN_JOB
-from guardfleet.queueing import make_celery, queue_for
-from guardfleet.schemas import ClassifyRequest, Job, JobStatus
+from guardfleet.schemas import JobStatus
 from guardfleet.settings import Settings
-from guardfleet.store import JobStore
-from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+from tests.conftest import RedisServer, StartWorker, db_url, queue_backlog, wait_until
 
 
 def test_heartbeat_appears_only_after_warm_up(start_worker: StartWorker) -> None:
@@ -69,14 +64,9 @@ def test_jobs_held_by_a_killed_worker_still_succeed(
         "GUARDFLEET_MAX_BATCH_SIZE": "2",
     }
     first = start_worker("doomed@test", db=db, **env)
-    store = JobStore(redis.Redis.from_url(settings.redis_url), ttl_s=3600)
-    celery = make_celery(settings)
-    jobs = []
-    for i in range(120):
-        job = Job(request=ClassifyRequest(prompt=f"How do I plant tomatoes? #{i}"))
-        store.create(job)
-        celery.send_task(TASK_RUN_JOB, args=[job.id], queue=queue_for(False))
-        jobs.append(job.id)
+    store, jobs = queue_backlog(
+        settings.redis_url, [f"How do I plant tomatoes? #{i}" for i in range(120)]
+    )
 
     def statuses() -> list[JobStatus]:
         return [j.status for j in (store.get(i) for i in jobs) if j is not None]
