@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook
 
 from api.main import create_app
 from guardfleet.settings import Settings
+from guardfleet.webhooks import StoredDelivery, attempt
 from tests.conftest import ROOT, RedisServer, StartWorker, db_url, service_env, wait_until
 
 SECRETS = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_dGhlIG5ldyBzZWNyZXQgYWZ0ZXIgcm90"]
@@ -62,7 +64,8 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length", 0))
             recv = state["r"]
-            recv.received.append(Received(self.path, dict(self.headers), self.rfile.read(length)))
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            recv.received.append(Received(self.path, headers, self.rfile.read(length)))
             status, headers = recv.script.pop(0) if recv.script else (200, {})
             self.send_response(status)
             for name, value in headers.items():
@@ -80,10 +83,14 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def fleet(redis_server: RedisServer, start_worker: StartWorker) -> Iterator[Settings]:
+def fleet(
+    redis_server: RedisServer,
+    start_worker: StartWorker,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Settings]:
     """A GPU worker and a delivery worker on their own database."""
     start_worker("hooks-gpu@test", db=DB, **WEBHOOK_ENV)
-    log = open(ROOT / ".pytest_cache" / "delivery.log", "wb")  # noqa: SIM115
+    log = (tmp_path_factory.mktemp("delivery") / "delivery.log").open("wb")
     delivery = subprocess.Popen(
         [sys.executable, "-m", "worker.delivery", "--name", "hooks@test"],
         cwd=ROOT,
@@ -218,3 +225,24 @@ def test_callbacks_need_a_signing_secret(fleet: Settings) -> None:
         response = client.post("/v1/jobs", json={"prompt": "x", "callback_url": "http://8.8.8.8/"})
     assert response.status_code == 422
     assert "GUARDFLEET_WEBHOOK_SECRETS" in response.json()["error"]["message"]
+
+
+def test_delivery_connects_to_the_checked_address_with_the_original_host(
+    receiver: Receiver,
+) -> None:
+    """The name is resolved once, checked, and that address is the one connected to; the
+    receiver still sees its own host name."""
+    port = receiver.server.server_port
+    settings = Settings(webhook_secrets=SECRETS, webhook_allow=["hooks.example"])
+    stored = StoredDelivery(
+        webhook_id="msg_pinned",
+        url=f"http://hooks.example:{port}/pinned",
+        event="moderation.job.completed",
+        payload='{"ok":true}',
+    )
+    with httpx.Client() as client:
+        outcome = attempt(stored, settings, client, resolver=lambda host, p: ["127.0.0.1"])
+    assert outcome.status == "delivered"
+    [got] = receiver.for_path("/pinned")
+    assert got.headers["host"] == f"hooks.example:{port}"
+    assert verified(got) == {"ok": True}
