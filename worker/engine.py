@@ -272,11 +272,21 @@ class Engine:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def token_offsets(self, token_ids: Sequence[int], upto_char: int) -> int | None:
-        """Index of the generated token whose text covers character `upto_char`."""
-        for index in range(len(token_ids)):
-            if len(self.decode(token_ids[: index + 1])) > upto_char:
-                return index
-        return None
+        """Index of the generated token whose text covers character `upto_char`.
+
+        Decoded length only grows with the prefix, so a binary search needs log(n) decodes
+        (a think trace is hundreds of tokens, and the label comes last).
+        """
+        if len(self.decode(token_ids)) <= upto_char:
+            return None
+        low, high = 0, len(token_ids) - 1
+        while low < high:
+            middle = (low + high) // 2
+            if len(self.decode(token_ids[: middle + 1])) > upto_char:
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     def warm_up(self) -> None:
         """One real generation, so the first job is not the one that pays for lazy init."""

@@ -153,3 +153,15 @@ def test_threshold_lets_the_score_decide() -> None:
     assert _threshold(0.3, Harm.HARMFUL, 0.5) is Harm.UNHARMFUL
     assert _threshold(0.3, Harm.UNHARMFUL, 0.2) is Harm.HARMFUL
     assert _threshold(None, Harm.UNHARMFUL, 0.0) is Harm.UNHARMFUL
+
+
+def test_token_offsets_find_the_token_that_covers_a_character(
+    engine: Engine, settings: Settings
+) -> None:
+    result = engine.generate([prepare(REQUESTS[1], engine, settings)])[0]  # a think trace
+    ids = result.token_ids
+    text = engine.decode(ids)
+    for char in (0, 1, text.index("</think>"), text.index("Prompt harm:") + 13, len(text) - 1):
+        linear = next(i for i in range(len(ids)) if len(engine.decode(ids[: i + 1])) > char)
+        assert engine.token_offsets(ids, char) == linear
+    assert engine.token_offsets(ids, len(text)) is None
