@@ -165,3 +165,12 @@ def test_token_offsets_find_the_token_that_covers_a_character(
         linear = next(i for i in range(len(ids)) if len(engine.decode(ids[: i + 1])) > char)
         assert engine.token_offsets(ids, char) == linear
     assert engine.token_offsets(ids, len(text)) is None
+
+
+def test_sampling_is_honoured_and_reproducible_with_a_seed(engine: Engine) -> None:
+    ids = engine.tokenizer.encode("warm up words", add_special_tokens=True)
+    greedy = engine.generate([GenRequest(list(ids), 24)])[0].token_ids
+    hot = [GenRequest(list(ids), 24, temperature=2.0, seed=seed) for seed in (1, 1, 2, 3)]
+    runs = [engine.generate([request])[0].token_ids for request in hot]
+    assert runs[0] == runs[1], "the same seed must give the same sample"
+    assert any(run != greedy for run in runs), "temperature 2 never left the greedy path"
