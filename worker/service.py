@@ -11,7 +11,7 @@ import redis
 
 from guardfleet import batches, webhooks
 from guardfleet.errors import GuardfleetError
-from guardfleet.schemas import Job, JobError, JobStatus, utcnow
+from guardfleet.schemas import Batch, Job, JobError, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
 from worker.batching import BatchPolicy
@@ -135,20 +135,10 @@ class WorkerService:
     def _announce_end(self, job: Job) -> None:
         """Webhook and batch bookkeeping for a finished job. Both are idempotent, so a job
         redelivered after its worker died here is announced exactly once."""
-        if job.callback_url:
-            event = (
-                webhooks.JOB_COMPLETED
-                if job.status is JobStatus.SUCCEEDED
-                else (webhooks.JOB_FAILED)
-            )
-            webhooks.schedule(
-                self.deliveries,
-                self.send_task,
-                self.settings,
-                resource_id=job.id,
-                url=job.callback_url,
-                event=event,
-                data=job,
+        if job.callback_url and job.status is not JobStatus.CANCELLED:  # cancel was the client's
+            succeeded = job.status is JobStatus.SUCCEEDED
+            self._webhook(
+                job.callback_url, webhooks.JOB_COMPLETED if succeeded else webhooks.JOB_FAILED, job
             )
         if job.batch_id is None:
             return
@@ -156,12 +146,15 @@ class WorkerService:
         if batches.record_progress(self.redis, job, ttl) == batches.BATCH_COMPLETED:
             batch = batches.get_batch(self.redis, job.batch_id)
             if batch is not None and batch.callback_url:
-                webhooks.schedule(
-                    self.deliveries,
-                    self.send_task,
-                    self.settings,
-                    resource_id=batch.id,
-                    url=batch.callback_url,
-                    event=webhooks.BATCH_COMPLETED,
-                    data=batch,
-                )
+                self._webhook(batch.callback_url, webhooks.BATCH_COMPLETED, batch)
+
+    def _webhook(self, url: str, event: str, data: Job | Batch) -> None:
+        webhooks.schedule(
+            self.deliveries,
+            self.send_task,
+            self.settings,
+            resource_id=data.id,
+            url=url,
+            event=event,
+            data=data,
+        )

@@ -49,16 +49,32 @@ def test_cancel_a_queued_job_and_the_worker_skips_it(
     redis_server: RedisServer, start_worker: StartWorker
 ) -> None:
     db = 11
-    settings = Settings(redis_url=db_url(redis_server, db))
+    settings = Settings(
+        redis_url=db_url(redis_server, db),
+        webhook_secrets=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+        webhook_allow=["127.0.0.1"],
+    )
     with TestClient(create_app(settings)) as client:
-        queued = client.post("/v1/jobs", json={"prompt": "How do I start running?"}).json()
+        body = {"prompt": "How do I start running?", "callback_url": "http://127.0.0.1:9/hook"}
+        queued = client.post("/v1/jobs", json=body).json()
         cancelled = client.post(f"/v1/jobs/{queued['id']}/cancel")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] == "cancelled"
         start_worker("cancel@test", db=db)  # now a worker takes the queued message
         done = client.post("/v1/classify", json={"prompt": "How do I start running?"}).json()
+        # The cancelled message went to the bulk lane: wait until the worker has handled (and
+        # acknowledged) every message there, so the checks below are not vacuous.
+        follow = client.post("/v1/jobs", json={"prompt": "How do I start running?"}).json()
+        assert client.get(f"/v1/jobs/{follow['id']}?wait=30").json()["status"] == "succeeded"
+        plain = redis.Redis.from_url(settings.redis_url)
+        wait_until(
+            lambda: plain.llen("bulk") == 0 and plain.hlen("unacked") == 0,
+            10,
+            "the worker to acknowledge every bulk message",
+        )
         job = client.get(f"/v1/jobs/{queued['id']}").json()
         assert (job["status"], job["attempts"], job["result"]) == ("cancelled", 0, None)
+        assert job["webhook"] is None, "a cancelled job sends no webhook"
         again = client.post(f"/v1/jobs/{done['id']}/cancel")
         assert again.status_code == 409
         assert again.json()["error"]["code"] == "not_cancellable"
