@@ -136,6 +136,12 @@ class ClassifyRequest(StrictModel):
             raise ValueError("prompt must contain non-whitespace text")
         return v
 
+    def classify_request(self) -> ClassifyRequest:
+        """Just the classify request, without what a subclass adds (a job's `callback_url`, a
+        batch line's `custom_id`): the part stored on the job and shown to the worker."""
+        fields = set(ClassifyRequest.model_fields)
+        return ClassifyRequest.model_validate(self.model_dump(include=fields))
+
 
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
@@ -226,9 +232,6 @@ class JobCreate(ClassifyRequest):
     """`POST /v1/jobs`: a classify request plus where to deliver the verdict."""
 
     callback_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
-
-    def classify_request(self) -> ClassifyRequest:
-        return ClassifyRequest.model_validate(self.model_dump(exclude={"callback_url"}))
 
 
 class Job(BaseModel):

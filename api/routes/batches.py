@@ -27,7 +27,6 @@ from guardfleet.schemas import (
     Batch,
     BatchItem,
     BatchStatus,
-    ClassifyRequest,
     Job,
     JobStatus,
     RequestCounts,
@@ -136,11 +135,7 @@ async def create_batch(
 
 async def _create(res: Resources, batch: Batch, items: list[BatchItem]) -> None:
     batch_jobs = [
-        jobs.new_job(
-            ClassifyRequest.model_validate(item.model_dump(exclude={"custom_id"})),
-            batch_id=batch.id,
-            custom_id=item.custom_id,
-        )
+        jobs.new_job(item.classify_request(), batch_id=batch.id, custom_id=item.custom_id)
         for item in items
     ]
     await res.batches.create(batch, batch_jobs)
@@ -149,6 +144,7 @@ async def _create(res: Resources, batch: Batch, items: list[BatchItem]) -> None:
     except Exception as exc:
         # Some jobs may be queued, others not: cancel what is still queued, so nothing waits
         # forever, and tell the client to resubmit.
+        await res.batches.mark_cancelled(batch.id)
         await _cancel_queued(res, batch)
         raise APIError(
             503,
@@ -214,9 +210,9 @@ async def cancel_batch(batch_id: str, res: ResourcesDep) -> Batch:
 
 
 async def _cancel_queued(res: Resources, batch: Batch) -> None:
-    """Cancel every still-queued item, a pipelined chunk at a time; items a worker started
-    meanwhile are refused by the transition script and counted when they end."""
-    await res.batches.mark_cancelled(batch.id)
+    """Cancel every still-queued item of a batch already marked cancelled, a pipelined chunk at
+    a time; items a worker started meanwhile are refused by the transition script and counted
+    when they end."""
     async for chunk in res.batches.jobs(batch.id):
         queued = [
             job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})

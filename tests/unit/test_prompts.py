@@ -139,3 +139,13 @@ def test_chat_segments_match_the_demo_tokenizers_chat_template() -> None:
         [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
     )
     assert ours == theirs
+
+
+def test_jobs_and_batch_lines_store_the_same_plain_request() -> None:
+    from guardfleet.schemas import BatchItem, JobCreate
+
+    fields = {"prompt": "p", "response": "r", "mode": "think", "metadata": {"k": 1}}
+    from_job = JobCreate(**fields, callback_url="https://hooks.example/x").classify_request()
+    from_line = BatchItem(**fields, custom_id="c1").classify_request()
+    assert type(from_job) is type(from_line) is ClassifyRequest
+    assert from_job == from_line == ClassifyRequest(**fields)
