@@ -46,7 +46,7 @@ from guardfleet.schemas import ClassifyRequest  # noqa: E402
 from guardfleet.settings import Settings  # noqa: E402
 from worker.batching import BatchPolicy, Pending, take_batch  # noqa: E402
 from worker.engine import DEMO_MODEL_DIR, Engine, GenRequest  # noqa: E402
-from worker.jobs import prepare  # noqa: E402
+from worker.prompting import prepare  # noqa: E402
 
 FILLER_TEXT = (
     "please explain how the local library schedules its weekend reading groups for children and "

@@ -24,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from guardfleet.prompts import END_OF_TURN
 from guardfleet.settings import DEMO_MODEL, Settings
+from worker.tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class Engine:
         self.dtype = resolve_dtype(settings.dtype, self.device)
         started = time.perf_counter()
         self.tokenizer: Tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.encoder = TextEncoder(self.tokenizer)  # the only way client text becomes ids
         self.model = AutoModelForCausalLM.from_pretrained(
             self.path,
             dtype=self.dtype,

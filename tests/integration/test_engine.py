@@ -11,7 +11,7 @@ from guardfleet.schemas import Category, ClassifyRequest, Harm, Mode, TaxonomyPo
 from guardfleet.settings import Settings
 from worker.batching import BatchPolicy
 from worker.engine import Engine, GenRequest
-from worker.jobs import _threshold, interpret, prepare
+from worker.prompting import _threshold, interpret, prepare
 from worker.runner import Runner
 
 REQUESTS = [

@@ -28,7 +28,6 @@ from guardfleet.settings import Settings
 from guardfleet.verdict import label_span, parse_verdict
 from worker.engine import Engine, GenRequest
 from worker.runner import Timed
-from worker.tokenization import encode_segments
 
 _PREFIX_IDS: dict[tuple[int, str], list[int]] = {}
 _PREFIX_IDS_MAX = 256
@@ -47,7 +46,7 @@ def shared_prefix_len(engine: Engine, ids: list[int], request: ClassifyRequest) 
     if prefix is None:
         if len(_PREFIX_IDS) >= _PREFIX_IDS_MAX:
             _PREFIX_IDS.clear()
-        prefix = _PREFIX_IDS[key] = encode_segments(engine.tokenizer, [BOS, START_OF_TURN, text])
+        prefix = _PREFIX_IDS[key] = engine.encoder.segments([BOS, START_OF_TURN, text])
     n = len(prefix) - 1
     return n if n > 0 and ids[:n] == prefix[:n] else 0
 
@@ -65,7 +64,7 @@ def prepare(request: ClassifyRequest | ChatInput, engine: Engine, settings: Sett
         messages = request.messages
         max_new = request.max_tokens
         temperature, top_p, seed = request.temperature, request.top_p, request.seed
-    ids = encode_segments(engine.tokenizer, chat_segments(messages))
+    ids = engine.encoder.segments(chat_segments(messages))
     if len(ids) > settings.max_input_tokens:
         raise InputTooLong(
             f"input is {len(ids)} tokens; this service accepts at most "
