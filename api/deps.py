@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
@@ -59,3 +60,16 @@ def require_api_key(
     offered = credentials.credentials.encode()
     if not any(secrets.compare_digest(offered, key.encode()) for key in keys):
         raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)
+
+
+def caller(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """Who is calling, as far as per-caller state (idempotency keys) is concerned: a digest of
+    the bearer key, never the key itself."""
+    if credentials is None:
+        return "anonymous"
+    return hashlib.sha256(credentials.credentials.encode()).hexdigest()[:24]
+
+
+CallerDep = Annotated[str, Depends(caller)]

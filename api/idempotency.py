@@ -1,9 +1,17 @@
 """`Idempotency-Key` for creating jobs and batches.
 
-The first request with a key claims it (SET NX, kept as long as results) together with a
-fingerprint of its body and the id it will create. A retry with the same body gets the original
-resource back; the same key with a different body is a 422. If creating fails, the claim is
-released so the client can simply retry.
+Keys belong to the caller: each is stored under a digest of the caller's API key (or
+"anonymous" when the server has no keys), so two callers who happen to pick the same key never
+see each other's resources.
+
+The first request with a key claims it with a fingerprint of its body and the id it will
+create, as *pending* and only for `PENDING_TTL_S`; once the resource is created and queued the
+claim is marked *done* and kept as long as results. So:
+- a retry with the same body gets the original resource once it exists (200, replayed), and a
+  `409 idempotency_in_progress` with `Retry-After` while the first request is still at work;
+- the same key with a different body is a 422;
+- a failure releases the claim at once, and a crash (the process died mid-request) leaves a
+  pending claim that expires after `PENDING_TTL_S`: the key is never poisoned for a day.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from api.errors import APIError
 from guardfleet.keys import idempotency_key
 
 MAX_KEY_LENGTH = 255
+PENDING_TTL_S = 30
 
 
 def fingerprint(*parts: bytes | str) -> str:
@@ -36,7 +45,12 @@ class Claim:
 
 @asynccontextmanager
 async def claim(
-    res: Resources, scope: str, key: str | None, body_fingerprint: str, new_id: str
+    res: Resources,
+    scope: str,
+    key: str | None,
+    body_fingerprint: str,
+    new_id: str,
+    caller: str,
 ) -> AsyncIterator[Claim]:
     if key is None:
         yield Claim(None)
@@ -48,14 +62,16 @@ async def claim(
             param="Idempotency-Key",
             code="invalid_value",
         )
-    redis_key = idempotency_key(scope, key)
-    record = json.dumps({"fingerprint": body_fingerprint, "id": new_id})
-    if await res.redis.set(redis_key, record, nx=True, ex=res.settings.result_ttl_s):
+    redis_key = idempotency_key(f"{scope}:{caller}", key)
+    record = {"fingerprint": body_fingerprint, "id": new_id, "state": "pending"}
+    if await res.redis.set(redis_key, json.dumps(record), nx=True, ex=PENDING_TTL_S):
         try:
             yield Claim(None)
         except BaseException:
             await res.redis.delete(redis_key)
             raise
+        record["state"] = "done"
+        await res.redis.set(redis_key, json.dumps(record), xx=True, ex=res.settings.result_ttl_s)
         return
     raw = await res.redis.get(redis_key)
     existing = json.loads(raw) if raw else {}
@@ -65,5 +81,12 @@ async def claim(
             "this Idempotency-Key was already used with a different request body",
             param="Idempotency-Key",
             code="idempotency_key_reused",
+        )
+    if existing.get("state") != "done":
+        raise APIError(
+            409,
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+            code="idempotency_in_progress",
+            headers={"Retry-After": "1"},
         )
     yield Claim(str(existing["id"]))

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api import jobs
-from api.deps import Resources, ResourcesDep
+from api.deps import CallerDep, Resources, ResourcesDep
 from api.errors import APIError
 from api.idempotency import claim, fingerprint
 from guardfleet.batches import BATCH_COMPLETED
@@ -112,6 +112,7 @@ def parse_items(body: bytes, max_items: int) -> list[BatchItem]:
 async def create_batch(
     request: Request,
     res: ResourcesDep,
+    caller: CallerDep,
     response: Response,
     callback_url: Annotated[str | None, Query(max_length=2048)] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
@@ -122,7 +123,7 @@ async def create_batch(
     await jobs.check_callback(res, callback_url)
     batch = Batch(request_counts=RequestCounts(total=len(items)), callback_url=callback_url)
     body_print = fingerprint(body, callback_url or "")
-    async with claim(res, "batches", idempotency_key, body_print, batch.id) as claimed:
+    async with claim(res, "batches", idempotency_key, body_print, batch.id, caller) as claimed:
         if claimed.replay_of is not None:
             response.status_code = status.HTTP_200_OK
             response.headers["Idempotent-Replayed"] = "true"

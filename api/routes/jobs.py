@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from api import jobs
-from api.deps import ResourcesDep
+from api.deps import CallerDep, ResourcesDep
 from api.errors import APIError
 from api.idempotency import claim, fingerprint
 from api.readiness import require_ready_worker
@@ -24,6 +24,7 @@ MAX_POLL_WAIT_S = 60.0
 async def create_job(
     body: JobCreate,
     res: ResourcesDep,
+    caller: CallerDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Job:
@@ -32,7 +33,7 @@ async def create_job(
     await jobs.check_callback(res, body.callback_url)
     job = jobs.new_job(body.classify_request(), callback_url=body.callback_url)
     body_print = fingerprint(body.model_dump_json())
-    async with claim(res, "jobs", idempotency_key, body_print, job.id) as claimed:
+    async with claim(res, "jobs", idempotency_key, body_print, job.id, caller) as claimed:
         if claimed.replay_of is None:
             job = await jobs.submit(res, job, interactive=False)
         else:

@@ -10,7 +10,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from api import idempotency
 from api.main import create_app
+from guardfleet.schemas import JobCreate
 from guardfleet.settings import Settings
 from tests.conftest import RedisServer, StartWorker, Worker, db_url, wait_until
 
@@ -161,3 +163,39 @@ def test_everything_guardfleet_stores_expires(redis_server: RedisServer) -> None
             lambda: client.get(f"/v1/jobs/{job['id']}").status_code == 404, 5, "the job to expire"
         )
         wait_until(lambda: list(plain.scan_iter("guardfleet:*")) == [], 5, "every key to expire")
+
+
+def test_idempotency_keys_belong_to_their_caller(redis_server: RedisServer) -> None:
+    settings = Settings(redis_url=redis_server.url, api_keys=["key-alice", "key-bob"])
+    body, key = {"prompt": "How do I tune a guitar?"}, f"shared-{time.time_ns()}"
+    with TestClient(create_app(settings)) as client:
+        alice = {"Authorization": "Bearer key-alice", "Idempotency-Key": key}
+        bob = {"Authorization": "Bearer key-bob", "Idempotency-Key": key}
+        first = client.post("/v1/jobs", json=body, headers=alice)
+        other = client.post("/v1/jobs", json=body, headers=bob)
+        again = client.post("/v1/jobs", json=body, headers=alice)
+    assert (first.status_code, other.status_code, again.status_code) == (202, 202, 200)
+    assert other.json()["id"] != first.json()["id"], "bob was handed alice's job"
+    assert again.json()["id"] == first.json()["id"]
+
+
+def test_a_claim_left_by_a_crashed_request_does_not_poison_the_key(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(idempotency, "PENDING_TTL_S", 1)
+    settings = Settings(redis_url=redis_server.url)
+    key, body = f"crash-{time.time_ns()}", {"prompt": "How do I tune a guitar?"}
+    with TestClient(create_app(settings)) as client:
+        resources = client.app.state.resources  # type: ignore[attr-defined]
+        print_ = idempotency.fingerprint(JobCreate.model_validate(body).model_dump_json())
+        crashed = idempotency.claim(resources, "jobs", key, print_, "job_lost", "anonymous")
+        # The request claimed the key, then its process died before creating the job.
+        client.portal.call(crashed.__aenter__)  # type: ignore[union-attr]
+        during = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        assert during.status_code == 409
+        assert during.json()["error"]["code"] == "idempotency_in_progress"
+        assert "retry-after" in during.headers
+        time.sleep(1.5)
+        after = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    assert after.status_code == 202, after.text
+    assert after.json()["id"] != "job_lost"
