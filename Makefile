@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install up test test-unit test-integration test-e2e lint typecheck fmt bench demo-model compose-check clean
+.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench demo-model compose-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)  ## venv with the project, torch and dev tools
 up: $(STAMP)  ## the whole stack locally: Redis, one worker, the API on :8000, Flower on :5555
 	$(BIN)/python ops/run_local.py
 
-test: $(STAMP)  ## every tier: unit, integration, e2e
+test: $(STAMP)  ## every tier: unit, integration, e2e, faults
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)
@@ -32,6 +32,9 @@ test-integration: $(STAMP)
 
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -m e2e
+
+test-faults: $(STAMP)  ## Redis frozen and killed, workers signalled, model thread broken
+	$(BIN)/python -m pytest -m faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

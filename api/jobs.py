@@ -68,11 +68,10 @@ async def with_webhook(res: Resources, item: T) -> T:
 
 
 async def submit(res: Resources, job: Job, interactive: bool) -> Job:
-    await res.store.create(job)
+    queue = queue_for(interactive)
+    await res.store.create(job, queue)
     try:
-        await run_in_threadpool(
-            res.celery.send_task, TASK_RUN_JOB, args=[job.id], queue=queue_for(interactive)
-        )
+        await run_in_threadpool(res.celery.send_task, TASK_RUN_JOB, args=[job.id], queue=queue)
     except Exception as exc:
         # Never leave a queued record that no worker will ever see.
         job.status, job.finished_at = JobStatus.FAILED, utcnow()

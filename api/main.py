@@ -80,8 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.resources = Resources(
             settings,
             client,
-            AsyncJobStore(client, ttl),
-            AsyncBatchStore(client, ttl),
+            AsyncJobStore(client, ttl, settings.job_stale_s),
+            AsyncBatchStore(client, ttl, settings.job_stale_s),
             make_celery(settings),
             AllowList(settings.webhook_allow),
         )

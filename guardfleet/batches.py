@@ -2,7 +2,8 @@
 
 Items are counted by one Lua script as their jobs end. It adds the job id to a set first, so a
 job counted once is never counted again (a redelivered job re-reports harmlessly), and it flips
-the batch to `completed` exactly once, which is when the completion webhook is scheduled.
+the batch to `completed` exactly once. It never recreates an expired batch's counters, so nothing
+it writes outlives the batch's TTL.
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import redis
 import redis.asyncio as aioredis
 
-from guardfleet.keys import batch_done_key, batch_jobs_key, batch_key, batch_state_key, job_key
+from guardfleet.keys import (
+    QUEUE_BULK,
+    batch_done_key,
+    batch_jobs_key,
+    batch_key,
+    batch_state_key,
+    job_key,
+)
 from guardfleet.schemas import Batch, BatchStatus, Job, JobStatus, RequestCounts, utcnow
+from guardfleet.store import STALE_S, add_create
 
 COUNTER = {
     JobStatus.SUCCEEDED: "completed",
@@ -22,6 +31,7 @@ COUNTER = {
 }
 
 _PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
@@ -85,9 +95,10 @@ def _merge(batch: Batch, state: Mapping[bytes | str, bytes | str]) -> Batch:
 
 
 class AsyncBatchStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.stale_s = stale_s
 
     async def create(self, batch: Batch, jobs: Sequence[Job]) -> None:
         """Write the batch and its job records in pipelined chunks, all with the result TTL."""
@@ -110,7 +121,7 @@ class AsyncBatchStore:
             chunk = jobs[start : start + CHUNK]
             async with self.client.pipeline(transaction=False) as pipe:
                 for job in chunk:
-                    pipe.set(job_key(job.id), job.model_dump_json(), ex=ttl)
+                    add_create(pipe, job, QUEUE_BULK, ttl, self.stale_s)
                 pipe.rpush(batch_jobs_key(batch.id), *[job.id for job in chunk])
                 pipe.expire(batch_jobs_key(batch.id), ttl)
                 await pipe.execute()
@@ -143,5 +154,8 @@ class AsyncBatchStore:
         total = await self.client.llen(key)
         for start in range(0, total, CHUNK):
             ids = [_text(i) for i in await self.client.lrange(key, start, start + CHUNK - 1)]
-            raws = await self.client.mget([job_key(i) for i in ids])
+            async with self.client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(job_key(job_id), "doc")
+                raws = await pipe.execute()
             yield [None if r is None else Job.model_validate_json(r) for r in raws]

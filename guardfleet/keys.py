@@ -14,13 +14,21 @@ QUEUE_WEBHOOKS = "webhooks"  # served by a worker without a model
 TASK_RUN_JOB = "guardfleet.run_job"
 TASK_DELIVER = "guardfleet.deliver_webhook"
 
-# Webhook retries wait here (score: when due), not as Celery countdowns: an ETA longer than the
-# Redis visibility timeout would be redelivered over and over.
+# The webhook outbox: every delivery not yet settled, scored by when it is due (or until when it
+# is leased to a queued task). Retries wait here, not as Celery countdowns: an ETA longer than the
+# Redis visibility timeout would be redelivered over and over. Entries leave when settled, or
+# when their delivery record has expired, so it holds at most the deliveries of one TTL.
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+# Every job that has not ended, scored by when it counts as stale: not started, or not finished,
+# by then. A worker's reconciler re-publishes stale jobs, which covers a message the broker lost
+# (Redis can die between handing a message to a consumer and recording it as unacknowledged).
+OPEN_JOBS = f"{PREFIX}:jobs:open"
 
 
 def job_channel(job_id: str) -> str:
@@ -40,6 +48,11 @@ WORKER_REGISTRY = f"{PREFIX}:workers"
 def delivery_key(resource_id: str) -> str:
     """The webhook delivery of a job or batch: one per resource (its `webhook-id` is stable)."""
     return f"{PREFIX}:delivery:{resource_id}"
+
+
+def delivery_lock_key(resource_id: str) -> str:
+    """Held while one attempt of a delivery runs, so copies of its task never overlap."""
+    return f"{PREFIX}:delivery:{resource_id}:lock"
 
 
 def batch_key(batch_id: str) -> str:

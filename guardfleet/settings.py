@@ -66,6 +66,20 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         3600, ge=1, description="seconds before an unacknowledged job is redelivered"
     )
+    job_stale_s: float = Field(
+        7200.0,
+        gt=0,
+        description="a job not started, or not finished, this long is published again",
+    )
+    redis_outage_s: float = Field(
+        60.0, gt=0, description="how long a job waits out Redis errors before it is handed back"
+    )
+    model_stall_s: float = Field(
+        300.0, gt=0, description="a batch running longer than this means the model thread hangs"
+    )
+    inject_fault: Literal["", "model_thread_dies", "model_thread_hangs"] = Field(
+        "", description="for the fault suite only: break the model thread on its first batch"
+    )
 
     # --- api --------------------------------------------------------------------------------
     api_keys: CommaList = Field(default_factory=list)
@@ -82,6 +96,11 @@ class Settings(BaseSettings):
         default_factory=list, description="hosts, IPs or CIDRs callbacks may reach despite SSRF"
     )
     webhook_timeout_s: float = Field(15.0, gt=0, le=120)
+    webhook_lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="a due delivery handed to a task is queued again if not settled by then",
+    )
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
         description="delay before each attempt (the first is the initial delivery)",

@@ -1,46 +1,84 @@
-"""Job records in Redis: one JSON document per job, with a TTL, and an event per status change.
+"""Job records in Redis: one hash per job, with a TTL, and an event per status change.
 
-Every status change goes through one Lua script that writes only if the job's current status is
-one the change may start from. That makes result writes idempotent under at-least-once delivery
-(a redelivered job that already succeeded is not overwritten) and lets cancel race safely with a
-worker: whoever changes the status first wins, the other is told so.
+The hash holds the job document (`doc`, JSON) beside small fields the scripts read, so a status
+change never decodes a document that may carry 200k characters of history:
 
-`JobStore` is for the worker (blocking client), `AsyncJobStore` for the API (asyncio client).
+    status    queued | running | succeeded | failed | cancelled
+    attempt   how many runs have started (the document's `attempts`)
+    queue     the lane the job was published to
+    gen       how many messages were published for it (the reconciler adds one per re-publish)
+    run_gen   `gen` when the current run started
+    run_msg   the Celery task id of the message that started the current run
+
+Starting a job is a compare-and-set on `attempt`, allowed when the job is queued, or when it is
+running and the message is the very one that started that run (redelivered after its worker
+died or outlived the visibility timeout) or was published after that run started (the
+reconciler declared the run stale). Any other message is a duplicate and is dropped. The
+attempt that started last owns the job: the result of an older attempt is refused. Ending a job
+(and cancelling one) writes only from a status the change may start from, once.
+
+Open jobs are also in the `OPEN_JOBS` index with a staleness deadline; see
+`worker.reconcile`. `JobStore` is for the worker (blocking client), `AsyncJobStore` for the API.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
-from guardfleet.keys import job_channel, job_key
+from guardfleet.keys import OPEN_JOBS, job_channel, job_key
 from guardfleet.schemas import Job, JobStatus
 
-_TRANSITION = """
-local current = redis.call('GET', KEYS[1])
-if not current then return -1 end
-local status = cjson.decode(current)['status']
-if not string.find(',' .. ARGV[3] .. ',', ',' .. status .. ',', 1, true) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+# KEYS: job, channel, open index. ARGV: doc, attempt expected before, task id, message gen,
+# ttl, stale deadline, job id, stale seconds.
+_START = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg')
+if not h[1] then return -1 end
+if h[1] ~= 'queued' then
+  if h[1] ~= 'running' then return 0 end
+  if h[5] ~= ARGV[3] and tonumber(ARGV[4]) <= tonumber(h[4] or '0') then return 0 end
+end
+if h[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', 'running', 'attempt', ARGV[2] + 1,
+           'run_gen', h[3] or '1', 'run_msg', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
+redis.call('EXPIRE', KEYS[3], ARGV[5] + ARGV[8])
+redis.call('PUBLISH', KEYS[2], 'running')
+return 1
+"""
+
+# KEYS: job, channel, open index. ARGV: doc, new (final) status, allowed-from statuses, ttl,
+# required current attempt ('' = any), job id.
+_END = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+if not h[1] then return -1 end
+if not string.find(',' .. ARGV[3] .. ',', ',' .. h[1] .. ',', 1, true) then return 0 end
+if ARGV[5] ~= '' and h[2] ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[6])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 """
 
-# From which statuses each target status may be reached. A job found `running` may be started
-# again: that is a redelivery after its worker died.
+# From which statuses each final status may be reached.
 ALLOWED_FROM: dict[JobStatus, tuple[JobStatus, ...]] = {
-    JobStatus.RUNNING: (JobStatus.QUEUED, JobStatus.RUNNING),
     JobStatus.SUCCEEDED: (JobStatus.QUEUED, JobStatus.RUNNING),
     JobStatus.FAILED: (JobStatus.QUEUED, JobStatus.RUNNING),
     JobStatus.CANCELLED: (JobStatus.QUEUED,),
 }
+STALE_S = 7200.0
 
 
 class TransitionRefused(Exception):
-    """The job is gone or no longer in a status the change may start from."""
+    """The job is gone, no longer in a status the change may start from, or owned by another
+    attempt."""
 
     def __init__(self, job_id: str, target: JobStatus, missing: bool) -> None:
         reason = "does not exist" if missing else "has moved on"
@@ -48,13 +86,15 @@ class TransitionRefused(Exception):
         self.missing = missing
 
 
-def _transition_args(job: Job, ttl_s: int) -> tuple[list[str], list[Any]]:
+def _end_args(job: Job, ttl_s: int, required_attempt: int | None) -> tuple[list[str], list[Any]]:
     allowed = ",".join(s.value for s in ALLOWED_FROM[job.status])
-    return [job_key(job.id), job_channel(job.id)], [
+    return [job_key(job.id), job_channel(job.id), OPEN_JOBS], [
         job.model_dump_json(),
         job.status.value,
         allowed,
         ttl_s,
+        "" if required_attempt is None else required_attempt,
+        job.id,
     ]
 
 
@@ -67,45 +107,96 @@ def _load(raw: bytes | str | None) -> Job | None:
     return None if raw is None else Job.model_validate_json(raw)
 
 
+def record_fields(job: Job, queue: str) -> dict[FieldT, EncodableT]:
+    """The hash a new job is created with (also used by the batch store's pipelines)."""
+    return {
+        "doc": job.model_dump_json(),
+        "status": job.status.value,
+        "attempt": job.attempts,
+        "queue": queue,
+        "gen": 1,
+    }
+
+
+def add_create(pipe: Any, job: Job, queue: str, ttl_s: int, stale_s: float) -> None:
+    """Queue the commands that create `job` on a (sync or async) pipeline."""
+    pipe.hset(job_key(job.id), mapping=record_fields(job, queue))
+    pipe.expire(job_key(job.id), ttl_s)
+    pipe.zadd(OPEN_JOBS, {job.id: time.time() + stale_s})
+    # The index outlives every job in it; once no job has been created for that long, all are
+    # gone and so is the index.
+    pipe.expire(OPEN_JOBS, ttl_s + int(stale_s))
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self._transition = client.register_script(_TRANSITION)
+        self.stale_s = stale_s
+        self._start = client.register_script(_START)
+        self._end = client.register_script(_END)
 
     def get(self, job_id: str) -> Job | None:
-        return _load(self.client.get(job_key(job_id)))
+        return _load(self.client.hget(job_key(job_id), "doc"))
 
-    def create(self, job: Job) -> None:
-        self.client.set(job_key(job.id), job.model_dump_json(), ex=self.ttl_s)
+    def create(self, job: Job, queue: str) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            add_create(pipe, job, queue, self.ttl_s, self.stale_s)
+            pipe.execute()
+
+    def start(self, job: Job, task_id: str, gen: int) -> None:
+        """Move a job read with `job.attempts - 1` attempts to `running` as attempt
+        `job.attempts`, for the message (`task_id`, `gen`); refused for a duplicate message
+        or if another attempt started in between."""
+        keys = [job_key(job.id), job_channel(job.id), OPEN_JOBS]
+        args: list[EncodableT] = [
+            job.model_dump_json(),
+            job.attempts - 1,
+            task_id,
+            gen,
+            self.ttl_s,
+            time.time() + self.stale_s,
+            job.id,
+            int(self.stale_s),
+        ]
+        _check(int(self._start(keys=keys, args=args)), job)
 
     def save(self, job: Job) -> None:
-        """Move `job` to its (new) status; raises TransitionRefused if that is not allowed."""
-        keys, args = _transition_args(job, self.ttl_s)
-        _check(int(self._transition(keys=keys, args=args)), job)
+        """End `job` (succeeded or failed) as the attempt it carries; raises TransitionRefused
+        if it ended already or a later attempt owns it."""
+        keys, args = _end_args(job, self.ttl_s, job.attempts)
+        _check(int(self._end(keys=keys, args=args)), job)
 
 
 class AsyncJobStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self._transition = client.register_script(_TRANSITION)
+        self.stale_s = stale_s
+        self._end = client.register_script(_END)
 
     async def get(self, job_id: str) -> Job | None:
-        return _load(await self.client.get(job_key(job_id)))
+        return _load(await self.client.hget(job_key(job_id), "doc"))
 
     async def get_many(self, job_ids: Iterable[str]) -> list[Job | None]:
         ids = list(job_ids)
         if not ids:
             return []
-        return [_load(raw) for raw in await self.client.mget([job_key(i) for i in ids])]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(job_key(job_id), "doc")
+            return [_load(raw) for raw in await pipe.execute()]
 
-    async def create(self, job: Job) -> None:
-        await self.client.set(job_key(job.id), job.model_dump_json(), ex=self.ttl_s)
+    async def create(self, job: Job, queue: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            add_create(pipe, job, queue, self.ttl_s, self.stale_s)
+            await pipe.execute()
 
     async def save(self, job: Job) -> None:
-        keys, args = _transition_args(job, self.ttl_s)
-        _check(int(await self._transition(keys=keys, args=args)), job)
+        """A change made by the API (cancel, or failing a job it could not queue): no attempt
+        is required, since the API never runs jobs."""
+        keys, args = _end_args(job, self.ttl_s, None)
+        _check(int(await self._end(keys=keys, args=args)), job)
 
     async def save_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Like `save` for many jobs in one round trip; True where the change was made."""
@@ -113,6 +204,6 @@ class AsyncJobStore:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for job in jobs:
-                keys, args = _transition_args(job, self.ttl_s)
-                await self._transition(keys=keys, args=args, client=pipe)
+                keys, args = _end_args(job, self.ttl_s, None)
+                await self._end(keys=keys, args=args, client=pipe)
             return [int(code) == 1 for code in await pipe.execute()]

@@ -1,10 +1,15 @@
 """Webhooks per the Standard Webhooks spec: payloads, signatures, one delivery attempt, retries.
 
 Who does what:
-- a GPU worker that finishes a job (or the last item of a batch) calls `schedule()`: it stores
-  the delivery (once: a redelivered job finds it already there) and queues the first attempt;
-- the delivery worker (`python -m worker.delivery`, no model) runs `attempt()` per try and
-  records it; failures wait in a Redis sorted set until their retry is due.
+- a GPU worker that finishes a job (or the last item of a batch) calls `schedule()`: in one
+  Redis transaction it stores the delivery and enters it in the due set (the outbox), then queues
+  the first attempt as a fast path. A redelivered job finds the delivery already there;
+- the delivery worker (`python -m worker.delivery`, no model) runs one attempt per task, under a
+  per-delivery lock, and only when the delivery is due; it records the attempt and either removes
+  the delivery from the due set (done) or moves it to its next attempt's time;
+- the delivery worker's sweeper queues every due entry whose lease has run out. So a delivery
+  stays in the due set from the moment it is stored until it is settled, and a crash or a lost
+  task anywhere in between only delays it: it is never lost.
 
 The body is frozen when the delivery is scheduled and sent byte for byte on every attempt, with
 the same `webhook-id`; each attempt has its own `webhook-timestamp` and signature.
@@ -13,6 +18,7 @@ the same `webhook-id`; each attempt has its own `webhook-timestamp` and signatur
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -26,7 +32,13 @@ import redis
 from pydantic import BaseModel
 from standardwebhooks.webhooks import Webhook
 
-from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE, delivery_key
+from guardfleet.keys import (
+    QUEUE_WEBHOOKS,
+    TASK_DELIVER,
+    WEBHOOKS_DUE,
+    delivery_key,
+    delivery_lock_key,
+)
 from guardfleet.schemas import DeliveryAttempt, WebhookDelivery, utcnow
 from guardfleet.settings import Settings
 from guardfleet.ssrf import AllowList, Resolver, UnsafeURL, check_url, resolve
@@ -38,6 +50,7 @@ MAX_RETRY_AFTER_S = 24 * 3600.0
 USER_AGENT = "guardfleet-webhooks/1"
 
 SendTask = Callable[..., Any]
+log = logging.getLogger(__name__)
 
 
 class StoredDelivery(WebhookDelivery):
@@ -77,6 +90,12 @@ def next_delay(schedule: list[float], attempts_done: int, rng: random.Random) ->
     return schedule[attempts_done] * rng.uniform(0.8, 1.2)
 
 
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class DeliveryStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.client = client
@@ -86,11 +105,37 @@ class DeliveryStore:
         raw = self.client.get(delivery_key(resource_id))
         return None if raw is None else StoredDelivery.model_validate_json(raw)
 
-    def save(self, resource_id: str, delivery: StoredDelivery) -> None:
-        self.client.set(delivery_key(resource_id), delivery.model_dump_json(), ex=self.ttl_s)
+    def settle(self, resource_id: str, delivery: StoredDelivery) -> None:
+        """Save the delivery after an attempt and, in the same transaction, move its due entry
+        to the next attempt's time or drop it when there is none."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(delivery_key(resource_id), delivery.model_dump_json(), ex=self.ttl_s)
+            if delivery.next_attempt_at is not None:
+                pipe.zadd(WEBHOOKS_DUE, {resource_id: delivery.next_attempt_at.timestamp()})
+                pipe.expire(WEBHOOKS_DUE, self.ttl_s)  # outlive the record just saved
+            else:
+                pipe.zrem(WEBHOOKS_DUE, resource_id)
+            pipe.execute()
 
-    def due_at(self, resource_id: str, when: datetime) -> None:
-        self.client.zadd(WEBHOOKS_DUE, {resource_id: when.timestamp()})
+    def lock(self, resource_id: str, token: str, ttl_s: float) -> bool:
+        """One attempt at a time per delivery, whatever copies of its task are queued."""
+        return bool(
+            self.client.set(delivery_lock_key(resource_id), token, nx=True, px=int(ttl_s * 1000))
+        )
+
+    def unlock(self, resource_id: str, token: str) -> None:
+        self.client.register_script(_UNLOCK)(keys=[delivery_lock_key(resource_id)], args=[token])
+
+
+# Store a new delivery and enter it in the due set, both or neither (KEYS: delivery, due set;
+# ARGV: record, ttl, due score, id). Returns 0 when the delivery already exists. The due set's
+# TTL is renewed with each delivery, so it outlives every delivery in it.
+_STORE_NEW = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) == false then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 def schedule(
@@ -103,22 +148,30 @@ def schedule(
     event: str,
     data: BaseModel,
 ) -> bool:
-    """Store the delivery and queue its first attempt; False if it already existed."""
+    """Store the delivery in the outbox and queue its first attempt; False if it already
+    existed (then it is in the outbox already, and the sweeper drives it)."""
     delivery = StoredDelivery(
         webhook_id=f"msg_{resource_id}", url=url, event=event, payload=make_payload(event, data)
     )
     first = settings.webhook_retry_schedule_s[0]
     if first > 0:
         delivery.next_attempt_at = utcnow() + timedelta(seconds=first)
-    created = store.client.set(
-        delivery_key(resource_id), delivery.model_dump_json(), ex=store.ttl_s, nx=True
+        due = delivery.next_attempt_at.timestamp()
+    else:
+        # Leased to the task queued below: if that task is lost, the sweeper sends another once
+        # the lease ends (GUARDFLEET_WEBHOOK_LEASE_S).
+        due = time.time() + settings.webhook_lease_s
+    created = store.client.register_script(_STORE_NEW)(
+        keys=[delivery_key(resource_id), WEBHOOKS_DUE],
+        args=[delivery.model_dump_json(), store.ttl_s, due, resource_id],
     )
     if not created:
         return False
-    if delivery.next_attempt_at is not None:
-        store.due_at(resource_id, delivery.next_attempt_at)
-    else:
-        send_task(TASK_DELIVER, args=[resource_id], queue=QUEUE_WEBHOOKS)
+    if delivery.next_attempt_at is None:
+        try:
+            send_task(TASK_DELIVER, args=[resource_id], queue=QUEUE_WEBHOOKS)
+        except Exception as exc:  # the outbox has it: the sweeper sends it once the lease ends
+            log.warning("could not queue webhook %s now (%s); the sweeper will", resource_id, exc)
     return True
 
 

@@ -34,7 +34,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
-        if tier in ("unit", "integration", "e2e"):
+        if tier in ("unit", "integration", "e2e", "faults"):
             item.add_marker(getattr(pytest.mark, tier))
 
 
@@ -82,6 +82,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
             "",
             "--appendonly",
             "no",
+            "--databases",
+            "64",  # one per test module that needs its own queues
             "--dir",
             str(workdir),
         ],
@@ -163,13 +165,21 @@ def start_worker(
     started: list[Worker] = []
     logs = tmp_path_factory.mktemp("workers")
 
-    def start(name: str | None = None, wait: bool = True, db: int = 0, **env: str) -> Worker:
-        """A worker on Redis database `db`: its own queues, isolated from other databases."""
+    def start(
+        name: str | None = None,
+        wait: bool = True,
+        db: int = 0,
+        url: str | None = None,
+        module: str = "worker",
+        **env: str,
+    ) -> Worker:
+        """A worker on Redis database `db` (or at `url`): its own queues, isolated from other
+        databases. `module="worker.delivery"` starts a webhook delivery worker instead."""
         name = name or f"worker-{len(started)}@test"
-        url = db_url(redis_server, db)
+        url = url or db_url(redis_server, db)
         log = logs / f"{name}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--name", name, "--loglevel", "INFO"],
+            [sys.executable, "-m", module, "--name", name, "--loglevel", "INFO"],
             cwd=ROOT,
             env=service_env(url, **env),
             stdout=log.open("wb"),
@@ -205,7 +215,7 @@ def queue_backlog(redis_url: str, prompts: list[str]) -> tuple[JobStore, list[st
     store = JobStore(redis.Redis.from_url(redis_url), ttl_s=3600)
     jobs = [Job(request=ClassifyRequest(prompt=prompt)) for prompt in prompts]
     for job in jobs:
-        store.create(job)
+        store.create(job, queue_for(False))
     publish_jobs(make_celery(settings), [job.id for job in jobs], queue_for(False))
     return store, [job.id for job in jobs]
 
@@ -227,9 +237,9 @@ def start_api(
     servers: list[ApiServer] = []
     logs = tmp_path_factory.mktemp("api")
 
-    def start(db: int = 0, **env: str) -> ApiServer:
+    def start(db: int = 0, url: str | None = None, **env: str) -> ApiServer:
         port = free_port()
-        url = db_url(redis_server, db)
+        url = url or db_url(redis_server, db)
         log = logs / f"api-{port}.log"
         proc = subprocess.Popen(
             [

@@ -34,10 +34,10 @@ def main() -> None:
     device = str(resolve_device(get_settings().device))  # name it after what "auto" chose
     name = args.name or f"worker-{device.replace(':', '')}@{socket.gethostname()}"
     from worker.celery_app import app
+    from worker.consume import run_worker
 
-    app.worker_main(
-        ["worker", "-n", name, "-Q", args.queues, "--loglevel", args.loglevel, "--without-gossip"]
-    )
+    queues = [q for q in args.queues.split(",") if q]
+    raise SystemExit(run_worker(app, name=name, queues=queues, loglevel=args.loglevel))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The webhook delivery worker: `python -m worker.delivery` (no GPU, no torch).
 
-It consumes the `webhooks` queue, one attempt per task, and runs a small thread that moves
-deliveries whose retry is due from the Redis sorted set back onto the queue. A due entry is
-*leased* (pushed LEASE_S into the future) rather than removed when it is queued, so a crash
-between taking it and queueing it only delays the attempt; the task removes it when it runs.
+It consumes the `webhooks` queue, one attempt per task, and runs a small thread (the sweeper)
+that moves deliveries whose time has come from the outbox (a Redis sorted set) onto the queue. A
+due entry is *leased* (pushed GUARDFLEET_WEBHOOK_LEASE_S into the future) rather than removed
+when it is queued, so a crash between taking it and queueing it, or a lost task, only delays the
+attempt; the task settles the entry (next attempt's time, or removed) once it has recorded it.
+
+Copies of one delivery's task (a lease that ran out behind a backlog, a redelivered message)
+are harmless: an attempt runs only under the delivery's lock and only once it is due.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -23,12 +28,13 @@ from celery.signals import worker_ready, worker_shutdown
 
 from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
+from guardfleet.schemas import utcnow
 from guardfleet.settings import get_settings
 from guardfleet.webhooks import DeliveryStore, attempt, record
+from worker.consume import run_worker
 
 log = logging.getLogger(__name__)
 
-LEASE_S = 60.0
 POLL_S = 0.25
 _CLAIM_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
@@ -58,15 +64,29 @@ _stop = threading.Event()
 
 @app.task(name=TASK_DELIVER)
 def deliver_webhook(resource_id: str) -> None:
-    _redis.zrem(WEBHOOKS_DUE, resource_id)
+    token = uuid.uuid4().hex
+    # Longer than one attempt can take; a holder that died releases it by expiry.
+    if not _store.lock(resource_id, token, 2 * _settings.webhook_timeout_s + 10):
+        log.info("webhook %s: an attempt is already running; this copy stops", resource_id)
+        return
+    try:
+        _deliver(resource_id)
+    finally:
+        _store.unlock(resource_id, token)
+
+
+def _deliver(resource_id: str) -> None:
     delivery = _store.get(resource_id)
-    if delivery is None or delivery.status != "pending":
+    if delivery is None or delivery.status != "pending":  # expired, or settled by another copy
+        _redis.zrem(WEBHOOKS_DUE, resource_id)
+        return
+    if delivery.next_attempt_at is not None and delivery.next_attempt_at > utcnow():
+        # An early copy: put the entry back to its real time instead of attempting now.
+        _redis.zadd(WEBHOOKS_DUE, {resource_id: delivery.next_attempt_at.timestamp()})
         return
     outcome = attempt(delivery, _settings, _http)
     delivery = record(delivery, outcome, _settings, _rng)
-    _store.save(resource_id, delivery)
-    if delivery.next_attempt_at is not None:
-        _store.due_at(resource_id, delivery.next_attempt_at)
+    _store.settle(resource_id, delivery)
     log.info(
         "webhook %s to %s: attempt %d %s (%s)",
         delivery.webhook_id,
@@ -82,7 +102,7 @@ def _requeue_due() -> None:
     while not _stop.wait(POLL_S):
         try:
             now = time.time()
-            for member in claim(keys=[WEBHOOKS_DUE], args=[now, now + LEASE_S]):
+            for member in claim(keys=[WEBHOOKS_DUE], args=[now, now + _settings.webhook_lease_s]):
                 app.send_task(TASK_DELIVER, args=[member.decode()], queue=QUEUE_WEBHOOKS)
         except redis.RedisError as exc:
             log.warning("could not re-queue due webhooks: %s", exc)
@@ -106,17 +126,8 @@ def main() -> None:
     logging.basicConfig(
         level=args.loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
     )
-    app.worker_main(
-        [
-            "worker",
-            "-n",
-            args.name,
-            "-Q",
-            QUEUE_WEBHOOKS,
-            "--loglevel",
-            args.loglevel,
-            "--without-gossip",
-        ]
+    raise SystemExit(
+        run_worker(app, name=args.name, queues=[QUEUE_WEBHOOKS], loglevel=args.loglevel)
     )
 
 

@@ -1,8 +1,10 @@
 """The readiness heartbeat: a Redis key with a TTL, rewritten while the worker lives.
 
 It is started only after the model is loaded and a warm-up generation succeeded, so its
-existence means "this worker can serve now". A worker that dies stops refreshing it and the key
-expires after `heartbeat_ttl_s`; a worker that stops cleanly deletes it at once.
+existence means "this worker can serve now". Before each beat it asks `problem()` whether that is
+still true; once the answer names a problem (a dead or stuck model thread) it deletes the key,
+calls `on_problem` and beats no more. A worker that dies stops refreshing it and the key expires
+after `heartbeat_ttl_s`; a worker that stops cleanly deletes it at once.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ class Heartbeat:
         ttl_s: int,
         interval_s: float,
         jobs_done: Callable[[], int],
+        problem: Callable[[], str | None] = lambda: None,
+        on_problem: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.client = client
         self.key = worker_key(name)
         self.ttl_s = ttl_s
         self.interval_s = interval_s
         self.jobs_done = jobs_done
+        self.problem = problem
+        self.on_problem = on_problem
         self.record = WorkerHeartbeat(
             name=name,
             host=socket.gethostname(),
@@ -70,6 +76,12 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
+            reason = self.problem()
+            if reason is not None:
+                log.critical("leaving the fleet: %s", reason)
+                self._forget()
+                self.on_problem(reason)
+                return
             try:
                 self.beat()
             except redis.RedisError as exc:  # keep trying: Redis may come back before the TTL
@@ -77,8 +89,11 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval_s + 1)
+        self._forget()
+
+    def _forget(self) -> None:
         try:
             self.client.delete(self.key)
             self.client.zrem(WORKER_REGISTRY, self.record.name)

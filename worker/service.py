@@ -1,32 +1,51 @@
 """One worker process's resident state (engine, model thread, job store, heartbeat) and the
-life of one job inside it."""
+life of one job inside it.
+
+A job ends in exactly one of three ways: its result is written (and announced), it fails for a
+reason of its own (bad input, unparseable output), or it is handed back (`worker.errors`) for
+another try because something that is not its fault went wrong: Redis stayed away, the worker
+is shutting down, or its model thread died or hung. Redis errors are retried in place first,
+since a blip of a few seconds should cost neither the verdict already computed nor a requeue.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
 
 import redis
 
 from guardfleet import batches, webhooks
 from guardfleet.errors import GuardfleetError
-from guardfleet.schemas import Batch, Job, JobError, JobStatus, utcnow
+from guardfleet.schemas import Batch, BatchStatus, Job, JobError, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
 from worker.batching import BatchPolicy
 from worker.engine import Engine
+from worker.errors import ModelUnavailable, StoreUnavailable
 from worker.heartbeat import Heartbeat
-from worker.jobs import interpret, prepare
+from worker.prompting import interpret, prepare
+from worker.reconcile import Reconciler
 from worker.runner import Runner
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class WorkerService:
-    def __init__(self, settings: Settings, send_task: webhooks.SendTask) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        send_task: webhooks.SendTask,
+        on_problem: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.settings = settings
         self.send_task = send_task
+        self.on_problem = on_problem
         self.engine = Engine(settings)
         started = time.perf_counter()
         self.engine.warm_up()
@@ -34,13 +53,16 @@ class WorkerService:
         self.runner = Runner(
             self.engine,
             BatchPolicy(settings.max_batch_size, settings.max_wait_ms, settings.max_batch_tokens),
+            stall_s=settings.model_stall_s,
+            fault=settings.inject_fault,
         )
         self.redis = redis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
-        self.store = JobStore(self.redis, settings.result_ttl_s)
+        self.store = JobStore(self.redis, settings.result_ttl_s, settings.job_stale_s)
+        self.reconciler = Reconciler(self.redis, send_task, settings.job_stale_s)
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.heartbeat: Heartbeat | None = None
         self.name = "unnamed"
@@ -59,44 +81,89 @@ class WorkerService:
             ttl_s=self.settings.heartbeat_ttl_s,
             interval_s=self.settings.heartbeat_interval_s,
             jobs_done=lambda: self._done,
+            problem=self.runner.problem,
+            on_problem=self._leave,
         )
         self.heartbeat.start()
+        self.reconciler.start()
+
+    def _leave(self, reason: str) -> None:
+        """The model thread is dead or stuck: hand every job back and let the process go."""
+        self.runner.abandon(reason)
+        self.on_problem(reason)
+
+    def drain(self) -> None:
+        """SIGTERM: leave the fleet at once, finish the running batch, hand back the rest."""
+        self.reconciler.stop()
+        self.runner.drain()
+        if self.heartbeat is not None:
+            threading.Thread(target=self.heartbeat.stop, name="heartbeat-stop").start()
 
     def close(self) -> None:
+        self.reconciler.stop()
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.runner.stop()
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str, task_id: str, gen: int) -> None:
+        """Run one job to its end for the message (`task_id`, `gen`); raises a `HandBack`
+        when it must be tried again."""
         with self.runner.arriving() as submit:
-            job = self._start(job_id)
+            job = self._start(job_id, task_id, gen)
             if job is None:
                 return
             try:
                 prepared = prepare(job.request, self.engine, self.settings)
                 future = submit(prepared)
+            except ModelUnavailable:
+                raise
             except Exception as exc:
-                self._finish(job, self._failed(job, exc))
+                self._finish(self._failed(job, exc))
                 return
         try:
-            timed = future.result()
+            # The watchdog hands back a stuck batch's futures; this bound is the backstop.
+            timed = future.result(timeout=self.settings.model_stall_s + 30)
+        except FutureTimeout:
+            raise ModelUnavailable("no result from the model thread in time") from None
+        except ModelUnavailable:
+            raise
+        except Exception as exc:
+            self._finish(self._failed(job, exc))
+            return
+        try:
             result = interpret(job.request, timed, self.engine, self.settings)
             done = job.model_copy(update={"status": JobStatus.SUCCEEDED, "result": result})
         except Exception as exc:
             done = self._failed(job, exc)
-        self._finish(job, done)
+        self._finish(done)
 
-    def _start(self, job_id: str) -> Job | None:
-        """Mark the job running, or return None if there is nothing (left) to do."""
-        job = self.store.get(job_id)
+    def _redis(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, retried through Redis errors for up to `redis_outage_s`."""
+        deadline = time.monotonic() + self.settings.redis_outage_s
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except redis.RedisError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"Redis unavailable while {what}: {exc}") from exc
+                log.warning("Redis error while %s (retrying in %.1fs): %s", what, delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _start(self, job_id: str, task_id: str, gen: int) -> Job | None:
+        """Mark the job running as a new attempt, or return None if there is nothing (left)
+        to do here."""
+        job = self._redis("reading the job", lambda: self.store.get(job_id))
         if job is None:
             log.warning("job %s expired or never existed; nothing to do", job_id)
             return None
         if job.status.terminal:
             log.info("job %s is already %s (redelivery); skipping", job_id, job.status)
-            self._announce_end(job)  # idempotent: finishes what a killed worker left undone
+            # Idempotent: finishes what a killed worker left undone.
+            self._redis("announcing the result", lambda: self._announce_end(job))
             return None
-        job = job.model_copy(
+        running = job.model_copy(
             update={
                 "status": JobStatus.RUNNING,
                 "started_at": utcnow(),
@@ -105,11 +172,14 @@ class WorkerService:
             }
         )
         try:
-            self.store.save(job)
-        except TransitionRefused as exc:  # cancelled or finished since we read it
-            log.info("not running job %s: %s", job_id, exc)
-            return None
-        return job
+            self._redis("starting the job", lambda: self.store.start(running, task_id, gen))
+        except TransitionRefused as exc:
+            # A retried write whose first try landed is refused by its own effect: check.
+            current = self._redis("reading the job", lambda: self.store.get(job_id))
+            if current is None or current.model_dump() != running.model_dump():
+                log.info("not running job %s: %s", job_id, exc)
+                return None
+        return running
 
     def _failed(self, job: Job, exc: Exception) -> Job:
         if isinstance(exc, GuardfleetError):
@@ -121,20 +191,28 @@ class WorkerService:
             error = JobError(type="internal_error", message=f"{type(exc).__name__}: {exc}")
         return job.model_copy(update={"status": JobStatus.FAILED, "error": error})
 
-    def _finish(self, job: Job, done: Job) -> None:
+    def _finish(self, done: Job) -> None:
         done.finished_at = utcnow()
         try:
-            self.store.save(done)
-        except TransitionRefused as exc:  # an earlier delivery already finished it
-            log.info("result of job %s not written: %s", job.id, exc)
-            return
-        with self._done_lock:
-            self._done += 1
-        self._announce_end(done)
+            self._redis("writing the result", lambda: self.store.save(done))
+        except TransitionRefused as exc:
+            # Finished already (by this very write, retried, or by another attempt), or a later
+            # attempt owns the job. Announcing a finished job again is harmless; doing it here
+            # covers a write that landed while its reply was lost.
+            current = self._redis("reading the job", lambda: self.store.get(done.id))
+            if current is None or not current.status.terminal:
+                log.info("result of job %s not written: %s", done.id, exc)
+                return
+            done = current
+        else:
+            with self._done_lock:
+                self._done += 1
+        self._redis("announcing the result", lambda: self._announce_end(done))
 
     def _announce_end(self, job: Job) -> None:
-        """Webhook and batch bookkeeping for a finished job. Both are idempotent, so a job
-        redelivered after its worker died here is announced exactly once."""
+        """Webhook and batch bookkeeping for a finished job. Every step is idempotent and
+        re-checked on each call, so a job redelivered after its worker died (or after Redis
+        failed) here is announced exactly once."""
         if job.callback_url and job.status is not JobStatus.CANCELLED:  # cancel was the client's
             succeeded = job.status is JobStatus.SUCCEEDED
             self._webhook(
@@ -142,11 +220,14 @@ class WorkerService:
             )
         if job.batch_id is None:
             return
-        ttl = self.settings.result_ttl_s
-        if batches.record_progress(self.redis, job, ttl) == batches.BATCH_COMPLETED:
-            batch = batches.get_batch(self.redis, job.batch_id)
-            if batch is not None and batch.callback_url:
-                self._webhook(batch.callback_url, webhooks.BATCH_COMPLETED, batch)
+        counted = batches.record_progress(self.redis, job, self.settings.result_ttl_s)
+        if counted == batches.COUNTED:
+            return  # counted now without completing the batch: the batch webhook is not ours
+        # Completed by this job, or counted before (a redelivery): whoever completed the batch
+        # may have died before scheduling its webhook, and scheduling is idempotent.
+        batch = batches.get_batch(self.redis, job.batch_id)
+        if batch is not None and batch.status is BatchStatus.COMPLETED and batch.callback_url:
+            self._webhook(batch.callback_url, webhooks.BATCH_COMPLETED, batch)
 
     def _webhook(self, url: str, event: str, data: Job | Batch) -> None:
         webhooks.schedule(

@@ -5,8 +5,12 @@ from __future__ import annotations
 import signal
 import time
 
-from guardfleet.schemas import JobStatus
+import redis
+
+from guardfleet.queueing import queue_for
+from guardfleet.schemas import ClassifyRequest, Job, JobStatus
 from guardfleet.settings import Settings
+from guardfleet.store import JobStore
 from tests.conftest import RedisServer, StartWorker, db_url, queue_backlog, wait_until
 
 
@@ -86,3 +90,35 @@ def test_jobs_held_by_a_killed_worker_still_succeed(
         rerun = store.get(job_id)
         assert rerun is not None
         assert rerun.attempts == 2 and rerun.worker == "rescuer@test"
+
+
+def test_a_job_whose_message_was_lost_is_published_again(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """Redis can die between handing a message to a consumer and recording it: the job record
+    says `queued` and no message exists anywhere. The stale-job sweep must run it anyway, and a
+    backlog that merely waits longer than the deadline must not run twice."""
+    db = 26
+    url = db_url(redis_server, db)
+    redis.Redis.from_url(url).flushdb()
+    store = JobStore(redis.Redis.from_url(url), ttl_s=600, stale_s=1)
+    lost = Job(request=ClassifyRequest(prompt="How do I plant tomatoes?"))
+    store.create(lost, queue_for(False))  # created, but its message never made it
+    _, waiting = queue_backlog(url, [f"How do I bake bread? #{i}" for i in range(24)])
+    time.sleep(1.5)  # every job is past its deadline before a worker sees it
+
+    start_worker(
+        "reconciler@test",
+        db=db,
+        GUARDFLEET_JOB_STALE_S="1",
+        GUARDFLEET_MAX_BATCH_SIZE="2",
+        GUARDFLEET_WORKER_THREADS="2",
+    )
+    ids = [lost.id, *waiting]
+    wait_until(
+        lambda: all((j := store.get(i)) and j.status is JobStatus.SUCCEEDED for i in ids),
+        120,
+        "every job, the lost one included, to succeed",
+    )
+    attempts = [j.attempts for i in ids if (j := store.get(i)) is not None]
+    assert attempts == [1] * len(ids), "a re-published job ran twice"

@@ -1,0 +1,94 @@
+"""Re-publish jobs that went stale, so a message the broker lost cannot lose its job.
+
+Redis hands a message to a consumer (BRPOP) and only then records it as unacknowledged; if
+Redis dies in between, the message exists nowhere but in a worker that is about to lose its
+connection. The fault suite saw it happen. Every open job is therefore in the `OPEN_JOBS` index
+with a deadline (`GUARDFLEET_JOB_STALE_S` after it was queued or started), and each GPU worker
+runs this sweep: a job past its deadline gets a new message (its `gen` goes up) and a new
+deadline. Duplicates are harmless: a message starts a job only if the job is queued, or if it is
+the message that started the current run, or newer than that run (see `guardfleet.store`), so
+an original message that was merely slow is dropped once another has started the job.
+
+Keep the deadline well above the time a job may legitimately wait in the queue or run: a job
+re-published while its first message is still waiting loses nothing, but costs one more message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
+from guardfleet.webhooks import SendTask
+
+log = logging.getLogger(__name__)
+
+# Take up to ARGV[3] entries due by ARGV[1], leasing each until ARGV[2] (its next deadline).
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+# A new message generation for a job that is still open; forget it (nil) otherwise.
+_BUMP = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'queue')
+if h[1] ~= 'queued' and h[1] ~= 'running' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return false
+end
+return {redis.call('HINCRBY', KEYS[1], 'gen', 1), h[2] or ARGV[2]}
+"""
+
+
+class Reconciler:
+    def __init__(
+        self,
+        client: redis.Redis,
+        send_task: SendTask,
+        stale_s: float,
+        every_s: float = 5.0,
+        limit: int = 100,
+    ) -> None:
+        self.client = client
+        self.send_task = send_task
+        self.stale_s = stale_s
+        self.every_s = every_s
+        self.limit = limit
+        self._claim = client.register_script(_CLAIM)
+        self._bump = client.register_script(_BUMP)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sweep(self) -> int:
+        """Re-publish the stale jobs due now; returns how many."""
+        now = time.time()
+        due = self._claim(keys=[OPEN_JOBS], args=[now, now + self.stale_s, self.limit])
+        published = 0
+        for raw in due:
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            bumped = self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK])
+            if not bumped:
+                continue
+            gen, queue = int(bumped[0]), bumped[1]
+            queue = queue.decode() if isinstance(queue, bytes) else str(queue)
+            log.warning("job %s is stale; publishing it again (message %d)", job_id, gen)
+            self.send_task(TASK_RUN_JOB, args=[job_id, gen], queue=queue)
+            published += 1
+        return published
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.sweep()
+            except Exception as exc:  # Redis or the broker away: the leases bring them back
+                log.warning("stale-job sweep failed: %s", exc)
