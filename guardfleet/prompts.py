@@ -1,7 +1,8 @@
 """Prompt templates of Nemotron-Content-Safety-Reasoning-4B, rendered byte for byte.
 
-The texts are data the model was trained on (see docs/reference/nemotron-content-safety.md):
-whitespace, quotes and the line break inside "the request and\\nresponse" are all significant.
+The texts are data the model was trained on (tests/data/templates.md holds the byte-exact copies
+the tests compare against): whitespace, quotes and the line break inside "the request
+and\\nresponse" are all significant.
 Values are concatenated, never passed through `str.format`, so braces in client text are inert.
 
 Chat rendering follows Gemma 3's chat template, but as *segments*: plain text and control-token
