@@ -35,7 +35,7 @@ from guardfleet.keys import OPEN_JOBS, job_channel, job_key
 from guardfleet.schemas import Job, JobStatus
 
 # KEYS: job, channel, open index. ARGV: doc, attempt expected before, task id, message gen,
-# ttl, stale deadline, job id, stale seconds.
+# ttl, stale deadline, job id.
 _START = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg')
 if not h[1] then return -1 end
@@ -48,7 +48,7 @@ redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', 'running', 'attempt', ARGV
            'run_gen', h[3] or '1', 'run_msg', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
-redis.call('EXPIRE', KEYS[3], ARGV[5] + ARGV[8])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', KEYS[2], 'running')
 return 1
 """
@@ -123,9 +123,9 @@ def add_create(pipe: Any, job: Job, queue: str, ttl_s: int, stale_s: float) -> N
     pipe.hset(job_key(job.id), mapping=record_fields(job, queue))
     pipe.expire(job_key(job.id), ttl_s)
     pipe.zadd(OPEN_JOBS, {job.id: time.time() + stale_s})
-    # The index outlives every job in it; once no job has been created for that long, all are
-    # gone and so is the index.
-    pipe.expire(OPEN_JOBS, ttl_s + int(stale_s))
+    # Renewed with every record written, the index outlives each job in it (and goes once they
+    # have all expired).
+    pipe.expire(OPEN_JOBS, ttl_s)
 
 
 class JobStore:
@@ -157,7 +157,6 @@ class JobStore:
             self.ttl_s,
             time.time() + self.stale_s,
             job.id,
-            int(self.stale_s),
         ]
         _check(int(self._start(keys=keys, args=args)), job)
 
