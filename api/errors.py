@@ -3,7 +3,8 @@
     {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 
 Validation errors name the offending field in `param`; malformed JSON is a 400; Redis being
-unreachable is a 503; anything unexpected is a 500 in the same shape (and logged).
+unreachable, or refusing commands (out of memory, a read-only replica, still loading), is a 503;
+anything unexpected is a 500 in the same shape (and logged).
 """
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _redis_refused(_: Request, exc: Exception) -> JSONResponse:
+    # OOM, READONLY, MISCONF...: Redis is up but will not take writes now; the client may retry
+    # once the operator has fixed it, so this is the service's condition, not the request's.
+    log.warning("redis refused a command: %s", exc)
+    return error_response(
+        503,
+        f"the job store (Redis) refused the request: {exc}",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal server error", code="internal_error")
@@ -129,5 +142,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _broker_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _broker_down)
+    app.add_exception_handler(redis.exceptions.ResponseError, _redis_refused)
     app.add_exception_handler(OperationalError, _broker_down)
     app.add_exception_handler(Exception, _unexpected)

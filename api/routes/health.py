@@ -42,7 +42,13 @@ async def ready(res: ResourcesDep) -> JSONResponse:
     if not workers:
         return _health(503, "not_ready", "no worker has a loaded model yet")
     summary = [
-        {"name": w.name, "device": w.device, "model": w.model, "jobs_done": w.jobs_done}
+        {
+            "name": w.name,
+            "device": w.device,
+            "model": w.model,
+            "queues": w.queues,
+            "jobs_done": w.jobs_done,
+        }
         for w in workers
     ]
     return _health(200, "ready", "ready", workers=summary)
