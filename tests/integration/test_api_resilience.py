@@ -61,7 +61,7 @@ def beat(
     client.zadd(WORKER_REGISTRY, {name: now.timestamp() + ttl_s})
 
 
-def error_of(response: httpx.Response) -> dict[str, Any]:
+def error_of(response: Any) -> dict[str, Any]:  # httpx's or the TestClient's response
     body = response.json()
     assert set(body["error"]) == {"message", "type", "param", "code"}, body
     error: dict[str, Any] = body["error"]
@@ -143,7 +143,7 @@ def _out_of_memory(r: redis.Redis) -> object:
 
 
 def _read_only_replica(r: redis.Redis) -> object:
-    return r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    return r.replicaof("127.0.0.1", free_port())
 
 
 @pytest.mark.parametrize("refuse", [_out_of_memory, _read_only_replica])
