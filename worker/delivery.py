@@ -16,7 +16,6 @@ import threading
 import time
 from typing import Any
 
-import httpx
 import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
@@ -24,7 +23,8 @@ from celery.signals import worker_ready, worker_shutdown
 from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
 from guardfleet.settings import get_settings
-from guardfleet.webhooks import DeliveryStore, attempt, record
+from guardfleet.webhooks import DeliveryStore, record
+from worker.webhook_transport import WebhookSender, attempt
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _redis = redis.Redis.from_url(
     socket_connect_timeout=_settings.redis_timeout_s,
 )
 _store = DeliveryStore(_redis, _settings.result_ttl_s)
-_http = httpx.Client(follow_redirects=False, headers={"accept": "*/*"})
+_http = WebhookSender()
 _rng = random.Random()
 _stop = threading.Event()
 
