@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,39 @@ _TYPE_BY_STATUS = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every 4xx and 5xx. Some errors add context beside `error`: a refused batch
+    lists its bad lines in `errors`, a sync timeout names the still-running `job`."""
+
+    model_config = ConfigDict(extra="allow")
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "malformed JSON, or an option this server does not support",
+    401: "missing or invalid API key",
+    404: "no such resource (unknown, or expired after its TTL) or model",
+    409: "the resource is not in a state that allows this",
+    413: "request body over the size limit",
+    422: "a field is invalid (named in `param`)",
+    500: "the request could not be completed",
+    503: "Redis is unavailable or refusing writes, or no worker can serve a sync call",
+    504: "no answer within the sync timeout; the job still runs",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these error statuses, all in the envelope."""
+    return {code: {"model": ErrorEnvelope, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
 class APIError(Exception):

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api import jobs
 from api.deps import Resources, ResourcesDep
-from api.errors import APIError
+from api.errors import APIError, responses
 from api.readiness import require_ready_worker
-from guardfleet.schemas import ChatInput, ChatMessage, Completion, JobStatus
+from guardfleet.schemas import HAS_TEXT, ChatInput, ChatMessage, Completion, JobStatus
 
 router = APIRouter(tags=["openai"])
 
@@ -30,8 +30,27 @@ class TextPart(BaseModel):
     text: str
 
 
+def _content_must_hold_text(schema: dict[str, Any]) -> None:
+    """`content` is optional for pydantic (so the handler can answer a precise 400), but the
+    document says what is served: content is required and holds a non-whitespace character
+    (for a list of parts, some part does)."""
+    schema["required"] = ["role", "content"]
+    content = schema["properties"]["content"]
+    content.pop("default", None)
+    branches = [b for b in content.pop("anyOf") if b.get("type") != "null"]
+    for branch in branches:
+        if branch["type"] == "string":
+            branch["pattern"] = HAS_TEXT
+        else:
+            branch["contains"] = {"properties": {"text": {"pattern": HAS_TEXT}}}
+    content["anyOf"] = branches
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. `name`
+    model_config = ConfigDict(
+        extra="ignore",  # e.g. `name`
+        json_schema_extra=_content_must_hold_text,
+    )
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
@@ -41,14 +60,25 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[
+        list[Message],
+        Field(
+            min_length=1,
+            json_schema_extra={"contains": {"properties": {"role": {"const": "user"}}}},
+            description="at least one message must be the user's",
+        ),
+    ]
+    # api.main puts GUARDFLEET_MAX_CHAT_TOKENS into the document as their maximum.
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    stream: bool = False
-    seed: int | None = None
+    # Only these values are served; others are refused with a 400 that says so.
+    n: Annotated[int, Field(ge=1, json_schema_extra={"const": 1})] = 1
+    stream: Annotated[bool, Field(json_schema_extra={"const": False})] = False
+    # Within torch's seed range (outside it the job would fail on the worker) and exact in
+    # JSON parsers that read numbers as doubles.
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53)] | None = None
 
 
 def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:
@@ -108,7 +138,7 @@ def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
     )
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=responses(400, 404, 413, 422, 500, 503, 504))
 async def chat_completions(body: ChatCompletionRequest, res: ResourcesDep) -> dict[str, Any]:
     chat = to_chat_input(body, res)
     await require_ready_worker(res)
