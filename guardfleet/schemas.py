@@ -109,7 +109,8 @@ class TaxonomyPolicy(StrictModel):
 
     type: Literal["taxonomy"] = "taxonomy"
     categories: list[Category] = Field(default_factory=list, max_length=200)
-    replace: bool = False
+    # Strict: the document says `boolean`, so "yes" or 1 is refused, not read as true.
+    replace: Annotated[bool, Field(strict=True)] = False
     allowed_topics: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] = Field(
         default_factory=list, max_length=200
     )

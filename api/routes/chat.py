@@ -69,16 +69,18 @@ class ChatCompletionRequest(BaseModel):
         ),
     ]
     # api.main puts GUARDFLEET_MAX_CHAT_TOKENS into the document as their maximum.
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    # Numbers and booleans are strict (no "0.5" for 0.5, no 1.0 for 1, no 0 for false): the
+    # document says `number`, `integer`, `boolean`, and the API accepts nothing else.
+    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, strict=True)] | None = None
     # Only these values are served; others are refused with a 400 that says so.
-    n: Annotated[int, Field(ge=1, json_schema_extra={"const": 1})] = 1
-    stream: Annotated[bool, Field(json_schema_extra={"const": False})] = False
+    n: Annotated[int, Field(ge=1, strict=True, json_schema_extra={"const": 1})] = 1
+    stream: Annotated[bool, Field(strict=True, json_schema_extra={"const": False})] = False
     # Within torch's seed range (outside it the job would fail on the worker) and exact in
     # JSON parsers that read numbers as doubles.
-    seed: Annotated[int, Field(ge=-(2**53), le=2**53)] | None = None
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53, strict=True)] | None = None
 
 
 def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:

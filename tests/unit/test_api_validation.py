@@ -228,3 +228,26 @@ def test_unsafe_callbacks_are_a_422_at_submit(url: str) -> None:
         "unsafe_callback_url",
         "callback_url",
     )
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 5.0}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "stream": 0}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2.0}, "seed"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**53 + 1}, "seed"),
+        ("/v1/jobs", {"prompt": "x", "policy": {"replace": "yes"}}, "policy.taxonomy.replace"),
+    ],
+)
+def test_numbers_and_booleans_are_not_coerced(
+    client: TestClient, path: str, body: dict[str, Any], param: str
+) -> None:
+    """What the OpenAPI document calls an integer, number or boolean must be one."""
+    response = client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    assert envelope(response)["param"] == param
