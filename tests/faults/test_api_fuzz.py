@@ -60,7 +60,7 @@ def map_case(context: HookContext, case: Case[Any]) -> Case[Any]:
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive:
         return case
-    receiver = os.environ.get(RECEIVER_ENV, "http://127.0.0.1:9/")
+    receiver = os.environ[RECEIVER_ENV]
     body: Any = case.body
     if case.headers and "idempotency-key" in case.headers:
         case.headers["idempotency-key"] = uuid.uuid4().hex
