@@ -145,6 +145,10 @@ def with_configured_limits(document: dict[str, Any], settings: Settings) -> dict
         "maxItems": settings.max_batch_items,
         "description": "every `custom_id` must be unique within the batch",
     }
+    for path in document["paths"].values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                _absent_not_null(parameter["schema"])
     envelope_422 = errors.responses(422)[422]
     envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
     for path in document["paths"].values():
@@ -167,6 +171,15 @@ def with_configured_limits(document: dict[str, Any], settings: Settings) -> dict
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     return document
+
+
+def _absent_not_null(schema: dict[str, Any]) -> None:
+    """An optional query or header parameter is left out, never null (HTTP has no null): drop
+    the `null` branch FastAPI derives from `str | None`."""
+    branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        del schema["anyOf"]
+        schema.update(branches[0])
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -10,7 +10,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from api import jobs
 from api.deps import Resources, ResourcesDep
@@ -23,6 +23,15 @@ router = APIRouter(tags=["openai"])
 # NeMo Guardrails sends temperature 1e-20 to mean "greedy"; below this we decode greedily.
 GREEDY_BELOW = 1e-5
 HF_MODEL_ID = "nvidia/Nemotron-Content-Safety-Reasoning-4B"
+
+
+def _json_number(value: object) -> object:
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JSON_NUMBER = BeforeValidator(_json_number)
 
 
 class TextPart(BaseModel):
@@ -69,18 +78,18 @@ class ChatCompletionRequest(BaseModel):
         ),
     ]
     # api.main puts GUARDFLEET_MAX_CHAT_TOKENS into the document as their maximum.
-    # Numbers and booleans are strict (no "0.5" for 0.5, no 1.0 for 1, no 0 for false): the
-    # document says `number`, `integer`, `boolean`, and the API accepts nothing else.
-    max_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, strict=True)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1, strict=True)] | None = None
+    # Numbers are JSON numbers and booleans JSON booleans (no "0.5", no 0 for false): the
+    # document says `number`, `integer`, `boolean`. As in JSON Schema, 2.0 is an integer.
+    max_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2), JSON_NUMBER] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1), JSON_NUMBER] | None = None
     # Only these values are served; others are refused with a 400 that says so.
-    n: Annotated[int, Field(ge=1, strict=True, json_schema_extra={"const": 1})] = 1
+    n: Annotated[int, Field(ge=1, json_schema_extra={"const": 1}), JSON_NUMBER] = 1
     stream: Annotated[bool, Field(strict=True, json_schema_extra={"const": False})] = False
     # Within torch's seed range (outside it the job would fail on the worker) and exact in
     # JSON parsers that read numbers as doubles.
-    seed: Annotated[int, Field(ge=-(2**53), le=2**53, strict=True)] | None = None
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53), JSON_NUMBER] | None = None
 
 
 def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:

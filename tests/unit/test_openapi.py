@@ -97,3 +97,9 @@ def test_the_category_name_pattern_agrees_with_the_validator(text: str) -> None:
     except ValidationError:
         accepted = False
     assert accepted == (re.search(ONE_LINE_AFTER_STRIP, text) is not None)
+
+
+def test_optional_parameters_are_absent_rather_than_null(document: dict[str, Any]) -> None:
+    for _method, _path, operation in operations(document):
+        for parameter in operation.get("parameters", []):
+            assert "null" not in str(parameter["schema"]), parameter
