@@ -3,11 +3,11 @@
 A URL passes when it is http(s), its port is not one browsers refuse, its host name is valid, and
 *every* address its host resolves to is public (`ipaddress.is_global`): no loopback, private,
 link-local (so no cloud metadata at 169.254.169.254), shared, reserved or multicast ranges. An
-IPv6 address that carries an IPv4 address (IPv4-mapped, IPv4-compatible, NAT64, 6to4, Teredo) is
-public only if the IPv4 address inside it is too, because a gateway will deliver to that IPv4
-address. The operator's allow-list (hostnames, IP addresses, CIDR ranges) overrides the address
-rules, never the port rule. Delivery checks again and then connects to the address it checked,
-so a DNS answer that changes in between cannot slip through.
+IPv6 address that carries an IPv4 address (IPv4-mapped, -compatible or -translated, NAT64, 6to4,
+Teredo) is public only if the IPv4 address inside it is too, because a gateway will deliver to
+that IPv4 address. The operator's allow-list (hostnames, IP addresses, CIDR ranges) overrides
+the address rules, never the port rule. Delivery checks again and then connects to the address
+it checked, so a DNS answer that changes in between cannot slip through.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ BAD_PORTS = frozenset(
 )
 
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d (RFC 4291 2.5.5.1)
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT ::ffff:0:a.b.c.d (RFC 2765)
 _NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 is the last 32 bits
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215, where the IPv4 sits varies
 
@@ -94,7 +95,7 @@ def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
         found.append(address.ipv4_mapped)
     if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1
         found.append(low32)
-    if address in _NAT64_WELL_KNOWN:
+    if address in _NAT64_WELL_KNOWN or address in _IPV4_TRANSLATED:
         found.append(low32)
     if address.sixtofour is not None:
         found.append(address.sixtofour)

@@ -47,6 +47,7 @@ def table(host: str, port: int) -> list[str]:
         # IPv6 forms that carry an IPv4 address a translator or tunnel will deliver to:
         ("http://[::127.0.0.1]/", "::7f00:1"),  # IPv4-compatible (deprecated)
         ("http://[::10.0.0.1]/", "::a00:1"),
+        ("http://[::ffff:0:7f00:1]/", "::ffff:0:7f00:1 (which carries 127.0.0.1)"),  # SIIT
         ("http://[64:ff9b::7f00:1]/", "64:ff9b::7f00:1 (which carries 127.0.0.1)"),  # NAT64
         ("http://[64:ff9b::169.254.169.254]/", "64:ff9b::a9fe:a9fe (which carries 169.254"),
         ("http://[64:ff9b:1::5db8:d822]/", "64:ff9b:1::5db8:d822 (a local-use NAT64"),
