@@ -3,7 +3,8 @@
     {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 
 Validation errors name the offending field in `param`; malformed JSON is a 400; Redis being
-unreachable is a 503; anything unexpected is a 500 in the same shape (and logged).
+unreachable, or refusing commands (out of memory, a read-only replica, still loading), is a 503;
+anything unexpected is a 500 in the same shape (and logged).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,39 @@ _TYPE_BY_STATUS = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every 4xx and 5xx. Some errors add context beside `error`: a refused batch
+    lists its bad lines in `errors`, a sync timeout names the still-running `job`."""
+
+    model_config = ConfigDict(extra="allow")
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "malformed JSON, or an option this server does not support",
+    401: "missing or invalid API key",
+    404: "no such resource (unknown, or expired after its TTL) or model",
+    409: "the resource is not in a state that allows this",
+    413: "request body over the size limit",
+    422: "a field is invalid (named in `param`)",
+    500: "the request could not be completed",
+    503: "Redis is unavailable or refusing writes, or no worker can serve a sync call",
+    504: "no answer within the sync timeout; the job still runs",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these error statuses, all in the envelope."""
+    return {code: {"model": ErrorEnvelope, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
 class APIError(Exception):
@@ -118,6 +153,18 @@ async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _redis_refused(_: Request, exc: Exception) -> JSONResponse:
+    # OOM, READONLY, MISCONF...: Redis is up but will not take writes now; the client may retry
+    # once the operator has fixed it, so this is the service's condition, not the request's.
+    log.warning("redis refused a command: %s", exc)
+    return error_response(
+        503,
+        f"the job store (Redis) refused the request: {exc}",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal server error", code="internal_error")
@@ -129,5 +176,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _broker_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _broker_down)
+    app.add_exception_handler(redis.exceptions.ResponseError, _redis_refused)
     app.add_exception_handler(OperationalError, _broker_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -21,6 +21,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Header
 
 from api.deps import Resources
 from api.errors import APIError
@@ -28,6 +31,15 @@ from guardfleet.keys import idempotency_key
 
 MAX_KEY_LENGTH = 255
 PENDING_TTL_S = 30
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        description="a retry with the same key and body returns the first result (200)",
+    ),
+]
 
 
 def fingerprint(*parts: bytes | str) -> str:

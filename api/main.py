@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
@@ -14,6 +17,7 @@ from api.deps import Resources, require_api_key
 from api.routes import batches, chat, health, jobs
 from guardfleet.batches import AsyncBatchStore
 from guardfleet.queueing import make_celery
+from guardfleet.schemas import BatchItem
 from guardfleet.settings import Settings, get_settings
 from guardfleet.ssrf import AllowList
 from guardfleet.store import AsyncJobStore
@@ -97,14 +101,85 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     for module in (jobs, batches, chat):
-        app.include_router(module.router, dependencies=[Depends(require_api_key)])
+        app.include_router(
+            module.router,
+            dependencies=[Depends(require_api_key)],
+            responses=errors.responses(401),
+        )
     app.include_router(health.router)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         max_batch_bytes=settings.max_batch_body_bytes,
     )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            app.openapi_schema = with_configured_limits(document, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def with_configured_limits(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """What the route models cannot know because it is configuration: the chat token limit and
+    the batch body (read raw, so FastAPI sees no model for it)."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for field in ("max_tokens", "max_completion_tokens"):
+        for branch in chat[field]["anyOf"]:
+            if branch.get("type") == "integer":
+                branch["maximum"] = settings.max_chat_tokens
+    _, defs = models_json_schema(
+        [(BatchItem, "validation")], ref_template="#/components/schemas/{model}"
+    )
+    schemas.update(defs["$defs"])
+    batch = {
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/BatchItem"},
+        "minItems": 1,
+        "maxItems": settings.max_batch_items,
+        "description": "every `custom_id` must be unique within the batch",
+    }
+    for path in document["paths"].values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                _absent_not_null(parameter["schema"])
+    envelope_422 = errors.responses(422)[422]
+    envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    for path in document["paths"].values():
+        for operation in path.values():
+            # FastAPI's default 422 describes its own error shape; ours is the envelope.
+            if "HTTPValidationError" in str(operation["responses"].get("422", "")):
+                operation["responses"]["422"] = {
+                    "description": envelope_422["description"],
+                    "content": {"application/json": {"schema": envelope}},
+                }
+            for status, response in operation["responses"].items():
+                # Errors are JSON whatever the route's success type (results are NDJSON).
+                if int(status) >= 400 and "ErrorEnvelope" in str(response):
+                    response["content"] = {"application/json": {"schema": envelope}}
+            if operation.pop("x-batch-body", False):
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": batch}},
+                }
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return document
+
+
+def _absent_not_null(schema: dict[str, Any]) -> None:
+    """An optional query or header parameter is left out, never null (HTTP has no null): drop
+    the `null` branch FastAPI derives from `str | None`."""
+    branches = [b for b in schema.get("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        del schema["anyOf"]
+        schema.update(branches[0])
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -1,14 +1,24 @@
-"""Which workers are ready: fresh heartbeats with a loaded model."""
+"""Which workers are ready: live heartbeat keys of workers with a loaded model.
+
+A heartbeat key exists only while its worker keeps rewriting it (Redis expires it after the
+worker's TTL), so its existence is the whole freshness test: Redis keeps the time, and neither
+the worker's clock nor the API's is compared with anything. The registry sorted set is only an
+index of names to look up; its scores are written by worker clocks and are not trusted.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from datetime import timedelta
+
+from pydantic import ValidationError
 
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import WORKER_REGISTRY, worker_key
-from guardfleet.schemas import WorkerHeartbeat, utcnow
+from guardfleet.keys import QUEUE_INTERACTIVE, WORKER_REGISTRY, worker_key
+from guardfleet.schemas import WorkerHeartbeat
+
+log = logging.getLogger(__name__)
 
 # A sync call only needs to know that *some* worker is ready; a positive answer is reused this
 # long, so the check costs nothing on the hot path. Negative answers are never cached.
@@ -16,33 +26,39 @@ READY_CACHE_S = 1.0
 
 
 async def ready_workers(res: Resources) -> list[WorkerHeartbeat]:
-    names = await res.redis.zrangebyscore(WORKER_REGISTRY, time.time(), "+inf")
+    names = await res.redis.zrange(WORKER_REGISTRY, 0, -1)
     if not names:
         return []
     keys = [worker_key(n.decode() if isinstance(n, bytes) else str(n)) for n in names]
-    # The key's TTL already drops dead workers; the timestamp check also drops a worker whose
-    # clock or heartbeat thread has stalled while the key lingers.
-    horizon = utcnow() - timedelta(seconds=res.settings.heartbeat_ttl_s)
     workers = []
-    for raw in await res.redis.mget(keys):
-        if raw is None:
+    for key, raw in zip(keys, await res.redis.mget(keys), strict=True):
+        if raw is None:  # expired: that worker stopped beating
             continue
-        beat = WorkerHeartbeat.model_validate_json(raw)
-        if beat.loaded and beat.last_seen >= horizon:
+        try:
+            beat = WorkerHeartbeat.model_validate_json(raw)
+        except ValidationError as exc:
+            # One worker of another version (or a corrupt key) must not take readiness down for
+            # the fleet: it is simply not counted.
+            log.warning("ignoring heartbeat %s that does not validate: %s", key, exc)
+            continue
+        if beat.loaded:
             workers.append(beat)
     return sorted(workers, key=lambda w: w.name)
 
 
 async def require_ready_worker(res: Resources) -> None:
-    """Sync calls fail fast when nobody can serve them; queued jobs may wait for a worker."""
+    """Sync calls fail fast when nobody can serve them; queued jobs may wait for a worker.
+
+    Sync calls go to the interactive queue, so only workers consuming it count: a fleet of
+    bulk-only workers would leave the caller waiting for the sync timeout."""
     if time.monotonic() < res.ready_until:
         return
-    if await ready_workers(res):
+    if any(QUEUE_INTERACTIVE in w.queues for w in await ready_workers(res)):
         res.ready_until = time.monotonic() + READY_CACHE_S
     else:
         raise APIError(
             503,
-            "no worker with a loaded model is ready; try again shortly",
+            "no worker with a loaded model serves the interactive queue; try again shortly",
             code="no_ready_worker",
             headers={"Retry-After": "5"},
         )

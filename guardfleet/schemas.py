@@ -60,26 +60,57 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Category(StrictModel):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
-    description: (
-        Annotated[str, StringConstraints(max_length=2000, strip_whitespace=True)] | None
-    ) = None
+# Patterns that say in the JSON schema what a validator below checks, so the OpenAPI document
+# refuses what the API refuses. Whitespace is spelt out as the characters `str.strip()` removes:
+# `\s` means something else in the ECMA-262 regexes JSON Schema uses (no U+001C-U+001F).
+WHITESPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+HAS_TEXT = f"[^{WHITESPACE}]"
+ONE_LINE_AFTER_STRIP = f"^[{WHITESPACE}]*[^{WHITESPACE}](?:[^\\n]*[^{WHITESPACE}])?[{WHITESPACE}]*$"
 
+
+class Category(StrictModel):
+    name: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=200),
+        Field(json_schema_extra={"pattern": ONE_LINE_AFTER_STRIP}),
+    ]
+    description: Annotated[str, StringConstraints(max_length=2000)] | None = None
+
+    # Stripped here rather than with `strip_whitespace`: pydantic-core strips by Rust's notion of
+    # whitespace, the schema's pattern by Python's, and they must agree.
     @field_validator("name")
     @classmethod
     def _one_line(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("category name must contain non-whitespace text")
         if "\n" in v:
             raise ValueError("category name must be one line")
         return v
+
+    @field_validator("description")
+    @classmethod
+    def _stripped(cls, v: str | None) -> str | None:
+        return None if v is None else v.strip()
 
 
 class TaxonomyPolicy(StrictModel):
     """Template A with custom categories: appended as S23+ (default) or replacing the 22."""
 
+    # `replace: true` needs a category (the validator below), in JSON Schema terms.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"replace": {"const": False}}},
+                {"required": ["categories"], "properties": {"categories": {"minItems": 1}}},
+            ]
+        }
+    )
+
     type: Literal["taxonomy"] = "taxonomy"
     categories: list[Category] = Field(default_factory=list, max_length=200)
-    replace: bool = False
+    # Strict: the document says `boolean`, so "yes" or 1 is refused, not read as true.
+    replace: Annotated[bool, Field(strict=True)] = False
     allowed_topics: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] = Field(
         default_factory=list, max_length=200
     )
@@ -121,7 +152,7 @@ class ClassifyRequest(StrictModel):
     """What a client asks: is this prompt (and optionally this response) harmful?"""
 
     kind: Literal["classify"] = "classify"
-    prompt: NonEmptyText
+    prompt: Annotated[NonEmptyText, Field(json_schema_extra={"pattern": HAS_TEXT})]
     response: Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)] | None = (
         None
     )
@@ -231,7 +262,17 @@ class WebhookDelivery(BaseModel):
 class JobCreate(ClassifyRequest):
     """`POST /v1/jobs`: a classify request plus where to deliver the verdict."""
 
-    callback_url: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    callback_url: (
+        Annotated[
+            str,
+            StringConstraints(max_length=2048),
+            Field(
+                json_schema_extra={"format": "uri", "pattern": "^https?://"},
+                description="must resolve to a public address (or one the operator allows)",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class Job(BaseModel):

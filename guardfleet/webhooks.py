@@ -4,9 +4,10 @@ Who does what:
 - a GPU worker that finishes a job (or the last item of a batch) calls `schedule()`: in one
   Redis transaction it stores the delivery and enters it in the due set (the outbox), then queues
   the first attempt as a fast path. A redelivered job finds the delivery already there;
-- the delivery worker (`python -m worker.delivery`, no model) runs one attempt per task, under a
-  per-delivery lock, and only when the delivery is due; it records the attempt and either removes
-  the delivery from the due set (done) or moves it to its next attempt's time;
+- the delivery worker (`python -m worker.delivery`, no model) runs one attempt per task
+  (`worker.webhook_transport.attempt()`), under a per-delivery lock, and only when the delivery
+  is due; it records the attempt here and either removes the delivery from the due set (done)
+  or moves it to its next attempt's time;
 - the delivery worker's sweeper queues every due entry whose lease has run out. So a delivery
   stays in the due set from the moment it is stored until it is settled, and a crash or a lost
   task anywhere in between only delays it: it is never lost.
@@ -23,11 +24,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
 import redis
 from pydantic import BaseModel
 from standardwebhooks.webhooks import Webhook
@@ -41,13 +41,11 @@ from guardfleet.keys import (
 )
 from guardfleet.schemas import DeliveryAttempt, WebhookDelivery, utcnow
 from guardfleet.settings import Settings
-from guardfleet.ssrf import AllowList, Resolver, UnsafeURL, check_url, resolve
 
 JOB_COMPLETED = "moderation.job.completed"
 JOB_FAILED = "moderation.job.failed"
 BATCH_COMPLETED = "moderation.batch.completed"
 MAX_RETRY_AFTER_S = 24 * 3600.0
-USER_AGENT = "guardfleet-webhooks/1"
 
 SendTask = Callable[..., Any]
 log = logging.getLogger(__name__)
@@ -180,66 +178,6 @@ class Outcome:
     attempt: DeliveryAttempt
     status: str  # "delivered", "gone", "refused" (never retried) or "retry"
     retry_after_s: float | None = None
-
-
-def attempt(
-    delivery: StoredDelivery,
-    settings: Settings,
-    client: httpx.Client,
-    resolver: Resolver = resolve,
-) -> Outcome:
-    """One POST. Connects to the address the SSRF check approved, with the original Host (and
-    TLS server name), so DNS cannot be switched between the check and the connection."""
-    started, at = time.perf_counter(), utcnow()
-
-    def done(status: str, code: int | None = None, error: str | None = None) -> Outcome:
-        ms = (time.perf_counter() - started) * 1000
-        record = DeliveryAttempt(at=at, status_code=code, error=error, duration_ms=round(ms, 1))
-        return Outcome(record, status)
-
-    try:
-        checked = check_url(delivery.url, AllowList(settings.webhook_allow), resolver)
-    except UnsafeURL as exc:
-        return done("refused", error=f"refused: {exc}")
-    timestamp = utcnow().replace(microsecond=0)
-    default_port = 443 if checked.scheme == "https" else 80
-    host_header = checked.host if checked.port == default_port else f"{checked.host}:{checked.port}"
-    literal = f"[{checked.address}]" if checked.address.version == 6 else str(checked.address)
-    headers = {
-        "content-type": "application/json",
-        "user-agent": USER_AGENT,
-        "host": host_header,
-        "webhook-id": delivery.webhook_id,
-        "webhook-timestamp": str(int(timestamp.timestamp())),
-        "webhook-signature": sign(
-            settings.webhook_secrets, delivery.webhook_id, timestamp, delivery.payload
-        ),
-    }
-    extensions = {"sni_hostname": checked.host} if checked.scheme == "https" else {}
-    try:
-        response = client.post(
-            f"{checked.scheme}://{literal}:{checked.port}{checked.path}",
-            content=delivery.payload.encode(),
-            headers=headers,
-            extensions=extensions,
-            timeout=settings.webhook_timeout_s,
-        )
-    except httpx.TimeoutException:
-        return done("retry", error=f"timed out after {settings.webhook_timeout_s:g}s")
-    except httpx.HTTPError as exc:
-        return done("retry", error=f"{type(exc).__name__}: {exc}"[:500])
-    code = response.status_code
-    if 200 <= code < 300:
-        return done("delivered", code)
-    if code == 410:
-        return done("gone", code, "410 Gone: the receiver asked for no more deliveries")
-    outcome = done(
-        "retry",
-        code,
-        f"HTTP {code}" + (" (redirects are not followed)" if 300 <= code < 400 else ""),
-    )
-    outcome.retry_after_s = retry_after_s(response.headers.get("retry-after"), datetime.now(UTC))
-    return outcome
 
 
 def record(

@@ -3,6 +3,10 @@
 Starts Redis (unless one already answers at GUARDFLEET_REDIS_URL), one worker on the best device,
 the API on :8000 and Flower on :5555; waits until a worker is ready; prints where to go. Ctrl-C
 (or SIGTERM) stops everything it started, and nothing it did not.
+
+The API and Flower listen on 127.0.0.1 unless GUARDFLEET_BIND_HOST says otherwise: this stack
+runs without API keys and lets webhooks call loopback, so anyone who could reach it from the
+network could make it call services listening only on this machine.
 """
 
 from __future__ import annotations
@@ -30,6 +34,42 @@ from guardfleet.settings import get_settings  # noqa: E402
 API_PORT = int(os.environ.get("GUARDFLEET_API_PORT", "8000"))
 FLOWER_PORT = int(os.environ.get("GUARDFLEET_FLOWER_PORT", "5555"))
 RUN_DIR = ROOT / ".run"
+LOOPBACK = "127.0.0.1"
+
+
+def bind_host() -> str:
+    return os.environ.get("GUARDFLEET_BIND_HOST", "").strip() or LOOPBACK
+
+
+def service_commands(python: str, redis_url: str, host: str) -> dict[str, list[str]]:
+    """The argv of every process `make up` starts besides Redis."""
+    return {
+        "worker": [python, "-m", "worker"],
+        "delivery": [python, "-m", "worker.delivery"],
+        "api": [python, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(API_PORT)],
+        "flower": [
+            python,
+            "-m",
+            "celery",
+            "-b",
+            redis_url,
+            "flower",
+            f"--address={host}",
+            f"--port={FLOWER_PORT}",
+        ],
+    }
+
+
+def exposure_warning(host: str, api_keys: list[str]) -> str | None:
+    """Binding beyond loopback without API keys lets the network use this stack, and with it
+    the loopback callbacks `make up` allows: say so where the operator looks."""
+    if host in (LOOPBACK, "localhost", "::1") or api_keys:
+        return None
+    return (
+        f"WARNING: listening on {host} with no GUARDFLEET_API_KEYS: anyone who can reach this "
+        "machine can submit jobs, and make the webhook worker call whatever "
+        "GUARDFLEET_WEBHOOK_ALLOW admits"
+    )
 
 
 def say(message: str) -> None:
@@ -130,22 +170,20 @@ def main() -> None:
     else:
         sys.exit(f"no Redis answers at {settings.redis_url}")
 
-    python = sys.executable
     webhook_note = local_webhook_defaults()
+    host = bind_host()
+    warning = exposure_warning(host, settings.api_keys)
+    if warning:
+        say(warning)
     model = "the bundled demo model" if settings.model == "demo" else settings.model
     say(f"loading {model} on device {settings.device}")
-    spawn("worker", [python, "-m", "worker"])
-    spawn("delivery", [python, "-m", "worker.delivery"])
-    spawn(
-        "api",
-        [python, "-m", "uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", str(API_PORT)],
-    )
-    spawn(
-        "flower",
-        [python, "-m", "celery", "-b", settings.redis_url, "flower", f"--port={FLOWER_PORT}"],
-    )
+    for name, argv in service_commands(sys.executable, settings.redis_url, host).items():
+        spawn(name, argv)
 
-    ready_url = f"http://localhost:{API_PORT}/v1/health/ready"
+    # A wildcard bind is reached through loopback from here.
+    local = LOOPBACK if host in ("0.0.0.0", "::", "") else host
+    local = f"[{local}]" if ":" in local else local
+    ready_url = f"http://{local}:{API_PORT}/v1/health/ready"
     deadline = time.monotonic() + 600
     while True:
         for name, proc in children:
@@ -165,9 +203,9 @@ def main() -> None:
     say("ready.")
     print(
         f"""
-  API      http://localhost:{API_PORT}      (docs: http://localhost:{API_PORT}/docs)
-  Flower   http://localhost:{FLOWER_PORT}
-  Try:     curl -s localhost:{API_PORT}/v1/classify -H 'content-type: application/json' \\
+  API      http://{local}:{API_PORT}      (docs: http://{local}:{API_PORT}/docs)
+  Flower   http://{local}:{FLOWER_PORT}
+  Try:     curl -s {local}:{API_PORT}/v1/classify -H 'content-type: application/json' \\
              -d '{{"prompt": "How do I bake sourdough bread?"}}'
 
 {webhook_note}

@@ -21,7 +21,6 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
@@ -30,8 +29,9 @@ from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import utcnow
 from guardfleet.settings import get_settings
-from guardfleet.webhooks import DeliveryStore, attempt, record
+from guardfleet.webhooks import DeliveryStore, record
 from worker.consume import run_worker
+from worker.webhook_transport import WebhookSender, attempt
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ _redis = redis.Redis.from_url(
     socket_connect_timeout=_settings.redis_timeout_s,
 )
 _store = DeliveryStore(_redis, _settings.result_ttl_s)
-_http = httpx.Client(follow_redirects=False, headers={"accept": "*/*"})
+_http = WebhookSender()
 _rng = random.Random()
 _stop = threading.Event()
 

@@ -10,13 +10,13 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from api import jobs
 from api.deps import Resources, ResourcesDep
-from api.errors import APIError
+from api.errors import APIError, responses
 from api.readiness import require_ready_worker
-from guardfleet.schemas import ChatInput, ChatMessage, Completion, JobStatus
+from guardfleet.schemas import HAS_TEXT, ChatInput, ChatMessage, Completion, JobStatus
 
 router = APIRouter(tags=["openai"])
 
@@ -25,13 +25,41 @@ GREEDY_BELOW = 1e-5
 HF_MODEL_ID = "nvidia/Nemotron-Content-Safety-Reasoning-4B"
 
 
+def _json_number(value: object) -> object:
+    if isinstance(value, str | bool):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JSON_NUMBER = BeforeValidator(_json_number)
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
 
+def _content_must_hold_text(schema: dict[str, Any]) -> None:
+    """`content` is optional for pydantic (so the handler can answer a precise 400), but the
+    document says what is served: content is required and holds a non-whitespace character
+    (for a list of parts, some part does)."""
+    schema["required"] = ["role", "content"]
+    content = schema["properties"]["content"]
+    content.pop("default", None)
+    branches = [b for b in content.pop("anyOf") if b.get("type") != "null"]
+    for branch in branches:
+        if branch["type"] == "string":
+            branch["pattern"] = HAS_TEXT
+        else:
+            branch["contains"] = {"properties": {"text": {"pattern": HAS_TEXT}}}
+    content["anyOf"] = branches
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. `name`
+    model_config = ConfigDict(
+        extra="ignore",  # e.g. `name`
+        json_schema_extra=_content_must_hold_text,
+    )
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
@@ -41,14 +69,27 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
-    stream: bool = False
-    seed: int | None = None
+    messages: Annotated[
+        list[Message],
+        Field(
+            min_length=1,
+            json_schema_extra={"contains": {"properties": {"role": {"const": "user"}}}},
+            description="at least one message must be the user's",
+        ),
+    ]
+    # api.main puts GUARDFLEET_MAX_CHAT_TOKENS into the document as their maximum.
+    # Numbers are JSON numbers and booleans JSON booleans (no "0.5", no 0 for false): the
+    # document says `number`, `integer`, `boolean`. As in JSON Schema, 2.0 is an integer.
+    max_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2), JSON_NUMBER] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1), JSON_NUMBER] | None = None
+    # Only these values are served; others are refused with a 400 that says so.
+    n: Annotated[int, Field(ge=1, json_schema_extra={"const": 1}), JSON_NUMBER] = 1
+    stream: Annotated[bool, Field(strict=True, json_schema_extra={"const": False})] = False
+    # Within torch's seed range (outside it the job would fail on the worker) and exact in
+    # JSON parsers that read numbers as doubles.
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53), JSON_NUMBER] | None = None
 
 
 def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:
@@ -108,7 +149,7 @@ def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
     )
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=responses(400, 404, 413, 422, 500, 503, 504))
 async def chat_completions(body: ChatCompletionRequest, res: ResourcesDep) -> dict[str, Any]:
     chat = to_chat_input(body, res)
     await require_ready_worker(res)

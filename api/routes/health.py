@@ -8,8 +8,10 @@ from typing import Any
 import redis.exceptions
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from api.deps import ResourcesDep, require_api_key
+from api.errors import responses
 from api.readiness import ready_workers
 
 router = APIRouter(tags=["health"])
@@ -23,17 +25,38 @@ def release() -> str:
         return "0+unknown"
 
 
+class WorkerSummary(BaseModel):
+    name: str
+    device: str
+    model: str
+    queues: list[str]
+    jobs_done: int
+
+
+class HealthResponse(BaseModel):
+    object: str = "health.response"
+    message: str
+    status: str
+    workers: list[WorkerSummary] | None = None
+
+
 def _health(status_code: int, status: str, message: str, **extra: Any) -> JSONResponse:
     body = {"object": "health.response", "message": message, "status": status, **extra}
     return JSONResponse(body, status_code=status_code)
 
 
-@router.get("/v1/health/live")
+@router.get("/v1/health/live", responses={200: {"model": HealthResponse}})
 async def live() -> JSONResponse:
     return _health(200, "live", "live")
 
 
-@router.get("/v1/health/ready")
+@router.get(
+    "/v1/health/ready",
+    responses={
+        200: {"model": HealthResponse, "description": "at least one worker is ready"},
+        503: {"model": HealthResponse, "description": "no worker is ready, or Redis is down"},
+    },
+)
 async def ready(res: ResourcesDep) -> JSONResponse:
     try:
         workers = await ready_workers(res)
@@ -42,13 +65,19 @@ async def ready(res: ResourcesDep) -> JSONResponse:
     if not workers:
         return _health(503, "not_ready", "no worker has a loaded model yet")
     summary = [
-        {"name": w.name, "device": w.device, "model": w.model, "jobs_done": w.jobs_done}
+        {
+            "name": w.name,
+            "device": w.device,
+            "model": w.model,
+            "queues": w.queues,
+            "jobs_done": w.jobs_done,
+        }
         for w in workers
     ]
     return _health(200, "ready", "ready", workers=summary)
 
 
-@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+@router.get("/v1/models", dependencies=[Depends(require_api_key)], responses=responses(401))
 async def models(res: ResourcesDep) -> dict[str, Any]:
     return {
         "object": "list",
@@ -65,6 +94,6 @@ async def models(res: ResourcesDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/version", dependencies=[Depends(require_api_key)])
+@router.get("/v1/version", dependencies=[Depends(require_api_key)], responses=responses(401))
 async def version_info() -> dict[str, str]:
     return {"release": release(), "api": API_VERSION}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Query, Response, status
 
 from api import jobs
 from api.deps import CallerDep, ResourcesDep
-from api.errors import APIError
-from api.idempotency import claim, fingerprint
+from api.errors import APIError, responses
+from api.idempotency import IdempotencyKey, claim, fingerprint
 from api.readiness import require_ready_worker
 from guardfleet.schemas import ClassifyRequest, Job, JobCreate, JobStatus
 
@@ -20,13 +20,20 @@ CLIENT_ERRORS = {"input_too_long", "invalid_input"}
 MAX_POLL_WAIT_S = 60.0
 
 
-@router.post("/v1/jobs", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/v1/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        200: {"model": Job, "description": "a replay of an earlier request with this key"},
+        **responses(400, 409, 413, 422, 503),
+    },
+)
 async def create_job(
     body: JobCreate,
     res: ResourcesDep,
     caller: CallerDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Job:
     """Queue a classification on the bulk lane; poll `Location` (or `?wait=`) for the verdict,
     or give a `callback_url` to have it POSTed to you (signed, per Standard Webhooks)."""
@@ -55,7 +62,7 @@ async def replayed(res: ResourcesDep, job_id: str, response: Response) -> Job:
     return await jobs.with_webhook(res, job)
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", responses=responses(404, 422, 503))
 async def get_job(
     job_id: str,
     res: ResourcesDep,
@@ -67,12 +74,12 @@ async def get_job(
     return await jobs.with_webhook(res, job)
 
 
-@router.post("/v1/jobs/{job_id}/cancel")
+@router.post("/v1/jobs/{job_id}/cancel", responses=responses(404, 409, 503))
 async def cancel_job(job_id: str, res: ResourcesDep) -> Job:
     return await jobs.cancel(res, await jobs.get_or_404(res, job_id))
 
 
-@router.post("/v1/classify")
+@router.post("/v1/classify", responses=responses(400, 413, 422, 503, 504))
 async def classify(body: ClassifyRequest, res: ResourcesDep, response: Response) -> Job:
     """Classify and wait (up to GUARDFLEET_SYNC_TIMEOUT_S) on the interactive lane.
 

@@ -14,7 +14,7 @@ from api import idempotency
 from api.main import create_app
 from guardfleet.schemas import JobCreate
 from guardfleet.settings import Settings
-from tests.conftest import RedisServer, StartWorker, Worker, db_url, wait_until
+from tests.conftest import RedisServer, StartWorker, Worker, db_url, free_port, wait_until
 
 
 @pytest.fixture
@@ -57,7 +57,9 @@ def test_cancel_a_queued_job_and_the_worker_skips_it(
         webhook_allow=["127.0.0.1"],
     )
     with TestClient(create_app(settings)) as client:
-        body = {"prompt": "How do I start running?", "callback_url": "http://127.0.0.1:9/hook"}
+        # Nothing listens there (the guard refuses port 9, discard, as another protocol's).
+        hook = f"http://127.0.0.1:{free_port()}/hook"
+        body = {"prompt": "How do I start running?", "callback_url": hook}
         queued = client.post("/v1/jobs", json=body).json()
         cancelled = client.post(f"/v1/jobs/{queued['id']}/cancel")
         assert cancelled.status_code == 200

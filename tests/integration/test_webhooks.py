@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks.webhooks import Webhook
 
 from api.main import create_app
 from guardfleet.settings import Settings
-from guardfleet.webhooks import StoredDelivery, attempt
+from guardfleet.webhooks import StoredDelivery
 from tests.conftest import ROOT, RedisServer, StartWorker, db_url, service_env, wait_until
+from worker.webhook_transport import WebhookSender, attempt
 
 SECRETS = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_dGhlIG5ldyBzZWNyZXQgYWZ0ZXIgcm90"]
 DB = 10
@@ -240,8 +240,7 @@ def test_delivery_connects_to_the_checked_address_with_the_original_host(
         event="moderation.job.completed",
         payload='{"ok":true}',
     )
-    with httpx.Client() as client:
-        outcome = attempt(stored, settings, client, resolver=lambda host, p: ["127.0.0.1"])
+    outcome = attempt(stored, settings, WebhookSender(), resolver=lambda host, p: ["127.0.0.1"])
     assert outcome.status == "delivered"
     [got] = receiver.for_path("/pinned")
     assert got.headers["host"] == f"hooks.example:{port}"

@@ -204,3 +204,56 @@ def test_a_batch_over_the_item_limit_is_refused() -> None:
         response = client.post("/v1/batches", content=body)
     assert response.status_code == 422
     assert "at most 2" in envelope(response)["message"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://" + "a" * 64 + ".example/hook",  # a label DNS cannot carry: was a 500
+        "http://[64:ff9b::7f00:1]/hook",  # NAT64 form of 127.0.0.1
+        "http://[2002:7f00:1::]/hook",  # 6to4 form of 127.0.0.1
+        "http://93.184.216.34:0/hook",
+    ],
+)
+def test_unsafe_callbacks_are_a_422_at_submit(url: str) -> None:
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        redis_timeout_s=0.5,
+        webhook_secrets=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/jobs", json={"prompt": "x", "callback_url": url})
+    assert response.status_code == 422, response.text
+    assert (envelope(response)["code"], envelope(response)["param"]) == (
+        "unsafe_callback_url",
+        "callback_url",
+    )
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": "5"}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "temperature": "0.5"}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "stream": 0}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "seed": "2"}, "seed"),
+        ("/v1/chat/completions", {**CHAT, "seed": 2**53 + 1}, "seed"),
+        ("/v1/jobs", {"prompt": "x", "policy": {"replace": "yes"}}, "policy.taxonomy.replace"),
+    ],
+)
+def test_numbers_and_booleans_are_not_coerced(
+    client: TestClient, path: str, body: dict[str, Any], param: str
+) -> None:
+    """What the OpenAPI document calls an integer, number or boolean must be one."""
+    response = client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    assert envelope(response)["param"] == param
+
+
+def test_a_whole_float_is_an_integer_as_in_json_schema(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5.0, "seed": 2.0})
+    assert response.status_code == 503, response.text  # past validation, to Redis (down here)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
@@ -14,12 +13,12 @@ from guardfleet.settings import Settings
 from guardfleet.webhooks import (
     Outcome,
     StoredDelivery,
-    attempt,
     next_delay,
     record,
     retry_after_s,
     sign,
 )
+from worker.webhook_transport import WebhookSender, attempt
 
 SECRETS = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_dGhlIG5ldyBzZWNyZXQgYWZ0ZXIgcm90"]
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -100,13 +99,12 @@ def test_the_last_scheduled_failure_gives_up() -> None:
 def test_delivery_rechecks_the_address_and_refuses_a_private_one() -> None:
     """DNS that changed since submit (a rebinding attack) is caught at delivery, unsent."""
     settings = Settings(webhook_secrets=SECRETS)
-    with httpx.Client() as client:
-        outcome = attempt(
-            delivery("https://rebound.example/x"),
-            settings,
-            client,
-            resolver=lambda host, port: ["10.0.0.8"],
-        )
+    outcome = attempt(
+        delivery("https://rebound.example/x"),
+        settings,
+        WebhookSender(),
+        resolver=lambda host, port: ["10.0.0.8"],
+    )
     assert outcome.status == "refused"
     assert outcome.attempt.status_code is None
     assert "10.0.0.8" in (outcome.attempt.error or "")
