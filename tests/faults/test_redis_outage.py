@@ -70,6 +70,13 @@ def _submit(api: ApiServer, receiver: CountingReceiver) -> list[str]:
     return ids
 
 
+def _under_load(api: ApiServer, receiver: CountingReceiver) -> list[str]:
+    """Queue the jobs and return once the first verdict is in: some done, most still to do."""
+    ids = _submit(api, receiver)
+    wait_until(lambda: JobStatus.SUCCEEDED in _statuses(api, ids), 60, "a first verdict")
+    return ids
+
+
 def _statuses(api: ApiServer, ids: list[str]) -> list[str]:
     with httpx.Client(base_url=api.url, timeout=10) as client:
         return [client.get(f"/v1/jobs/{i}").json()["status"] for i in ids]
@@ -110,10 +117,7 @@ def _everything_arrives(api: ApiServer, ids: list[str], receiver: CountingReceiv
 def test_jobs_survive_redis_frozen_for_six_seconds(
     killable_redis: KillableRedis, fleet: Fleet, counting_receiver: CountingReceiver
 ) -> None:
-    api = fleet.api
-    ids = _submit(api, counting_receiver)
-    wait_until(lambda: JobStatus.SUCCEEDED in _statuses(api, ids), 60, "a first verdict")
-
+    api, ids = fleet.api, _under_load(fleet.api, counting_receiver)
     killable_redis.signal(signal.SIGSTOP)
     frozen_at = time.monotonic()
     try:
@@ -136,10 +140,7 @@ def test_jobs_survive_redis_frozen_for_six_seconds(
 def test_jobs_survive_redis_killed_and_restarted(
     killable_redis: KillableRedis, fleet: Fleet, counting_receiver: CountingReceiver
 ) -> None:
-    api = fleet.api
-    ids = _submit(api, counting_receiver)
-    wait_until(lambda: JobStatus.SUCCEEDED in _statuses(api, ids), 60, "a first verdict")
-
+    api, ids = fleet.api, _under_load(fleet.api, counting_receiver)
     killable_redis.kill()
     status, seconds = _outage_answer(api, ids[-1])
     assert status == 503
