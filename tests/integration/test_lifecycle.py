@@ -201,3 +201,29 @@ def test_a_claim_left_by_a_crashed_request_does_not_poison_the_key(
         after = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
     assert after.status_code == 202, after.text
     assert after.json()["id"] != "job_lost"
+
+
+def test_cancel_races_a_running_worker_and_one_side_wins(api: TestClient) -> None:
+    """Cancel jobs while the worker takes them: every job ends either cancelled (the cancel was
+    answered 200 and no verdict was ever written) or with a verdict (the cancel was a 409)."""
+    ids = [
+        api.post("/v1/jobs", json={"prompt": f"How do I tune a guitar? #{i}"}).json()["id"]
+        for i in range(30)
+    ]
+    answers = {job_id: api.post(f"/v1/jobs/{job_id}/cancel").status_code for job_id in ids}
+    assert set(answers.values()) <= {200, 409}
+
+    def settled() -> bool:
+        return all(
+            api.get(f"/v1/jobs/{i}").json()["status"] not in ("queued", "running") for i in ids
+        )
+
+    wait_until(settled, 60, "every job to end")
+    final = {i: api.get(f"/v1/jobs/{i}").json() for i in ids}
+    for job_id, code in answers.items():
+        job = final[job_id]
+        if code == 200:
+            assert job["status"] == "cancelled" and job["result"] is None, job
+        else:
+            assert job["status"] == "succeeded", job
+    assert {200, 409} <= set(answers.values()), "the race was not run: one side always won"
