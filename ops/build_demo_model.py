@@ -82,6 +82,9 @@ THREADS = 1
 # The verdict and the category are each decided at one token of a target that is otherwise
 # boilerplate; weighting those tokens up spends the small model's training on what matters.
 DECISIVE_WEIGHT = 5.0
+# Weighting the category number more (20) named fitting categories a little more often but
+# cost benign accuracy in no_think mode (86%); see the model README.
+CATEGORY_WEIGHT = 5.0
 SPECIALS = [
     "<pad>",
     "<eos>",
@@ -359,14 +362,17 @@ def default_prefix(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return ids[:-1]
 
 
-def decisive_ids(tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
-    """Tokens where a target makes a choice: the label words, the category number, and the
-    word after "request" that starts a harmful or an unharmful trace."""
-    pieces = [" harmful", " unharmful", " None", " falls", " is"]
-    pieces += [f" S{n}" for n in range(1, len(DEFAULT_CATEGORIES) + 1)]
-    ids = {i for piece in pieces for i in encode_text(tokenizer, piece)}
-    ids -= set(encode_text(tokenizer, " S"))  # the shared "S" decides nothing
-    return torch.tensor(sorted(ids))
+def decisive_ids(tokenizer: PreTrainedTokenizerFast) -> dict[int, float]:
+    """Loss weights of the tokens where a target makes a choice: the label words, the word
+    after "request" that starts a harmful or an unharmful trace, and above all the category
+    number, a 22-way choice seen only in harmful think traces."""
+    weights: dict[int, float] = {}
+    for piece in (" harmful", " unharmful", " None", " falls", " is"):
+        weights.update(dict.fromkeys(encode_text(tokenizer, piece), DECISIVE_WEIGHT))
+    for n in range(1, len(DEFAULT_CATEGORIES) + 1):
+        number = encode_text(tokenizer, f" S{n}")[-1]  # " S" itself decides nothing
+        weights[number] = CATEGORY_WEIGHT
+    return weights
 
 
 # --- training ------------------------------------------------------------------------------
@@ -377,7 +383,7 @@ def batch_loss(
     rows: Sequence[tuple[list[int], int]],
     pad: int,
     prefix: list[int],
-    decisive: torch.Tensor | None = None,
+    decisive: dict[int, float] | None = None,
 ) -> torch.Tensor:
     """Next-token loss on the targets of `rows`, with `decisive` tokens weighted up.
 
@@ -418,8 +424,8 @@ def batch_loss(
     logits = model.lm_head(hidden[:, :-1][picked])
     losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
     weights = torch.ones_like(losses)
-    if decisive is not None:
-        weights[torch.isin(targets[picked], decisive)] = DECISIVE_WEIGHT
+    for token, weight in (decisive or {}).items():
+        weights[targets[picked] == token] = weight
     return (losses * weights).sum() / weights.sum()
 
 
@@ -551,7 +557,8 @@ def evaluate_everyday(everyday: list[dict[str, Any]], mode: Mode) -> Figures:
         if mode is Mode.THINK and label == "harmful" and named & set(item["categories"]):
             figures.categories_fit += 1
         if not ok:
-            figures.misses.append(f"{label}: {item['prompt']} (score {score})")
+            shown = "none" if score is None else f"{score:.2f}"
+            figures.misses.append(f"{label}: {item['prompt']} (score {shown})")
     figures.mean_score = {k: sum(v) / len(v) for k, v in scores.items() if v}
     return figures
 
@@ -571,7 +578,9 @@ def evaluate_forms(n: int, everyday: list[dict[str, Any]]) -> float:
     return ok / n
 
 
-def report(figures: list[Figures], forms: float, args: argparse.Namespace, minutes: float) -> str:
+def report(
+    figures: list[Figures], forms: float, args: argparse.Namespace, minutes: float | None
+) -> str:
     lines = [
         "# guardfleet demo model",
         "",
@@ -588,8 +597,12 @@ def report(figures: list[Figures], forms: float, args: argparse.Namespace, minut
         "moderation.",
         "",
         f"Build: seed {SEED}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
-        f"{args.examples} examples, batch {args.batch}, lr {args.lr}; about "
-        f"{minutes:.0f} minutes on 2 CPU cores.",
+        f"{args.examples} examples, batch {args.batch}, lr {args.lr}, one CPU thread; "
+        + (
+            f"{minutes:.0f} minutes on this project's 2-core machine while other jobs shared it."
+            if minutes is not None
+            else "about 11 minutes on this project's 2-core machine while other jobs shared it."
+        ),
         "",
         "## On the everyday set",
         "",
@@ -616,7 +629,20 @@ def report(figures: list[Figures], forms: float, args: argparse.Namespace, minut
     ]
     misses = [m for f in figures for m in (f"{f.mode.value} {x}" for x in f.misses)]
     if misses:
-        lines += ["Misses:", "", *(f"- {m}" for m in misses), ""]
+        lines += ["Misses (score = P(harmful) at the label):", "", *(f"- {m}" for m in misses), ""]
+    lines += [
+        "## Known limits",
+        "",
+        "- Think traces rarely name a category that fits (column above): the verdict is learned, "
+        "the 22-way category choice is not, so a trace may say S5 or S7 for a request about a "
+        "stolen car. Treat the category in a demo trace as decoration.",
+        "- Health and everyday-errand wording that shares words with the harmful lists (drink, "
+        "pain, my manager) can come out harmful; unusual phrasings of harmful requests can come "
+        "out unharmful.",
+        "- The everyday set was used to check the builds made while tuning the generator, so it "
+        "is a development set more than a pristine test set.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -636,12 +662,11 @@ def main() -> None:
     everyday = load_everyday()
     if not args.eval_only:
         train(args, everyday)
-    minutes = (time.time() - started) / 60
+    minutes = None if args.eval_only else (time.time() - started) / 60
     figures = [evaluate_everyday(everyday, mode) for mode in (Mode.NO_THINK, Mode.THINK)]
     forms = evaluate_forms(args.eval, everyday)
     text = report(figures, forms, args, minutes)
-    if not args.eval_only:
-        (OUT / "README.md").write_text(text)
+    (OUT / "README.md").write_text(text)
     print(text)
     digest = hashlib.sha256((OUT / "model.safetensors").read_bytes()).hexdigest()
     print(f"model.safetensors sha256 {digest}")
