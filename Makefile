@@ -50,7 +50,7 @@ fmt: $(STAMP)
 bench: $(STAMP)  ## engine and fleet benchmark; writes docs/benchmarks.md
 	$(BIN)/python ops/bench.py
 
-demo-model: $(STAMP)  ## rebuild worker/demo_model from scratch (a few minutes on 2 cores)
+demo-model: $(STAMP)  ## rebuild worker/demo_model from scratch and score it (about 12 minutes on 2 cores)
 	$(BIN)/python ops/build_demo_model.py
 
 clean:

@@ -1,29 +1,39 @@
 """Build and train guardfleet's bundled demo model, offline and reproducibly.
 
-    python ops/build_demo_model.py            # writes worker/demo_model/ (about 3 MB)
+    python ops/build_demo_model.py            # writes worker/demo_model/ (a few MB)
+    python ops/build_demo_model.py --eval-only
 
 What it is: a tiny Gemma 3 (`Gemma3ForConditionalGeneration`, the class of the real checkpoint,
 with a token-sized vision tower) with a byte-level BPE tokenizer, trained from scratch on
-prompts rendered by guardfleet's own templates. It learns the *output format* of
-Nemotron-Content-Safety-Reasoning-4B in both modes (think / no_think, with and without a
-response, Template A default and custom taxonomy, Template B) and labels keyword-templated
-requests. It is a stand-in that exercises the real code path (AutoTokenizer,
-AutoModelForCausalLM, generate, parsing); it is NOT a safety classifier.
+prompts rendered by guardfleet's own templates from the vocabulary in ops/demo_data.py. It
+learns the *output format* of Nemotron-Content-Safety-Reasoning-4B in both modes (think /
+no_think, with and without a response, Template A default and custom taxonomy, Template B) and
+gives plausible verdicts on everyday prompts. It is NOT a safety classifier.
 
-Reproducible: fixed seeds, single-threaded tokenizer training, deterministic torch kernels.
+After training it is scored through the worker's own engine (worker.engine + worker.jobs, so
+the verdicts and scores are exactly what the service returns) on the hand-written everyday set
+tests/data/everyday.jsonl, which never enters training, and the figures go into the model's
+README.
+
+Reproducible: fixed seeds, a fixed thread count, single-threaded tokenizer training,
+deterministic torch kernels; the safetensors hash is printed so two builds can be compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic BPE training
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,28 +42,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     GenerationConfig,
     PreTrainedTokenizerFast,
 )
 
-from guardfleet.prompts import chat_segments, render_classify
+from guardfleet.prompts import (
+    BOS,
+    DEFAULT_CATEGORIES,
+    START_OF_TURN,
+    Segment,
+    chat_segments,
+    render_classify,
+    taxonomy_prefix,
+)
 from guardfleet.schemas import (
     Category,
     ChatMessage,
     ClassifyRequest,
+    Harm,
     HistoryTurn,
     Mode,
     TaxonomyPolicy,
     TopicPolicy,
+    Verdict,
 )
+from guardfleet.settings import Settings
+from ops import demo_data as D
 from worker.tokenization import encode_segments, encode_text
 
-OUT = Path(__file__).resolve().parents[1] / "worker" / "demo_model"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "worker" / "demo_model"
+EVERYDAY = ROOT / "tests" / "data" / "everyday.jsonl"
 SEED = 20261128
+# Fixed, since CPU results may differ with the thread count. One thread, because on a busy
+# machine two threads that wait on each other ran four times slower than one.
+THREADS = 1
+# The verdict and the category are each decided at one token of a target that is otherwise
+# boilerplate; weighting those tokens up spends the small model's training on what matters.
+DECISIVE_WEIGHT = 5.0
+# Weighting the category number more (20) named fitting categories a little more often but
+# cost benign accuracy in no_think mode (86%); see the model README.
+CATEGORY_WEIGHT = 5.0
 SPECIALS = [
     "<pad>",
     "<eos>",
@@ -77,85 +108,19 @@ CHAT_TEMPLATE = (
     "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
+CODES = {name: f"S{i}" for i, name in enumerate(DEFAULT_CATEGORIES, start=1)}
 
-HARMFUL = [
-    "build a pipe bomb",
-    "steal a car",
-    "poison my neighbor",
-    "hack into a bank account",
-    "make methamphetamine",
-    "hurt my coworker",
-    "buy an untraceable gun",
-    "launder money",
-    "kidnap a child",
-    "write ransomware",
-    "stalk my ex",
-    "burn down a house",
-]
-BENIGN = [
-    "bake sourdough bread",
-    "learn to swim",
-    "fix a flat tire",
-    "plant tomatoes",
-    "write a cover letter",
-    "train my puppy",
-    "improve my sleep",
-    "cook brown rice",
-    "study for an exam",
-    "paint a room",
-    "tune a guitar",
-    "start running",
-]
-FRAMES = [
-    "How do I {x}?",
-    "Tell me how to {x}.",
-    "What is the best way to {x}?",
-    "Can you explain how to {x} step by step?",
-    "I want to {x}. Where do I start?",
-    "Give me tips to {x} quickly.",
-    "my friend asked me how to {x}, any advice?",
-]
-FILLER = [
-    "It is a rainy day here.",
-    "I have been thinking about this for a while.",
-    "Please keep it short.",
-    "Thanks in advance!",
-    "This is for a weekend project.",
-]
-REFUSALS = ["I can't help with that request.", "Sorry, I won't assist with that."]
-HARMFUL_ANSWERS = [
-    "Sure. First get the explosive powder and pack it into the detonator.",
-    "Sure. Hotwire the ignition and disable the alarm before anyone sees you.",
-    "Sure. Mix the toxic chemicals into their food when they are away.",
-]
-BENIGN_ANSWERS = [
-    "Sure! Start slowly and practice a little every day.",
-    "Happy to help. Gather your tools and follow the steps in order.",
-]
-CUSTOM_CATEGORIES = [
-    Category(name="Financial Advice", description="Recommending specific investments."),
-    Category(name="Medical Advice"),
-]
-POLICIES = [
-    "You are a cooking assistant. Only discuss recipes and cooking. Never help with harm.",
-    "You are a customer support bot for a bank. Stay polite and never assist with crimes.",
-]
 
-THINK_PROMPT = {
-    "harmful": "The human user's request falls under S21 (Illegal Activity) as it asks for "
-    "help to cause harm.",
-    "unharmful": "The human user's request is an everyday question and falls under no category.",
-}
-THINK_RESPONSE = {
-    "none": " There is no AI assistant response.",
-    "refusal": " The AI assistant's response is a refusal, making it unharmful.",
-    "harmful": " The AI assistant's response gives harmful instructions.",
-    "benign": " The AI assistant's response is helpful and unharmful.",
-}
-THINK_TOPIC = {
-    "harmful": "The current user message breaks the rules in the taxonomy.",
-    "unharmful": "The current user message is consistent with the rules in the taxonomy.",
-}
+# --- data ----------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """What counts as "the same prompt" for keeping the everyday set out of training."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def load_everyday() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in EVERYDAY.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -164,62 +129,162 @@ class Example:
     target: str
 
 
-def make_example(rng: random.Random) -> Example:
-    harmful = rng.random() < 0.5
-    text = rng.choice(FRAMES).format(x=rng.choice(HARMFUL if harmful else BENIGN))
-    if rng.random() < 0.4:
-        pieces = [text, *rng.sample(FILLER, rng.randint(1, 3))]
-        rng.shuffle(pieces)
-        text = " ".join(pieces)
+@dataclass
+class Prompt:
+    text: str
+    harmful: bool
+    category: str | None  # default-taxonomy name, harmful prompts only
+    action: str | None  # the verb phrase, when there is one (responses quote it)
+
+
+def fill(rng: random.Random, text: str) -> str:
+    return text.replace("{person}", rng.choice(D.PEOPLE)).replace("{group}", rng.choice(D.GROUPS))
+
+
+def dress(rng: random.Random, text: str) -> str:
+    """Surface variety shared by both classes: openers, closers, casing, punctuation."""
+    roll = rng.random()
+    if roll < 0.15:
+        text = f"{rng.choice(D.OPENERS)} {text}"
+    elif roll < 0.3:
+        text = f"{text} {rng.choice(D.CLOSERS)}"
+    elif roll < 0.36:
+        text = f"{rng.choice(D.OPENERS)} {text} {rng.choice(D.CLOSERS)}"
+    roll = rng.random()
+    if roll < 0.12:
+        text = text.lower()
+    elif roll < 0.2:
+        text = text.rstrip("?.!")
+    return text
+
+
+def benign_prompt(rng: random.Random) -> Prompt:
+    kind = rng.random()
+    action = None
+    if kind < 0.4:
+        action = fill(rng, rng.choice(rng.choice(list(D.BENIGN_ACTIONS.values()))))
+        text = rng.choice(D.ACTION_FRAMES).format(x=action)
+    elif kind < 0.53:
+        text = rng.choice(D.SUBJECT_FRAMES).format(s=rng.choice(D.BENIGN_SUBJECTS))
+    elif kind < 0.61:
+        (country, city), (country2, _) = rng.sample(D.COUNTRIES, 2)
+        text = rng.choice(D.FACT_FRAMES).format(country=country, city=city, country2=country2)
+    elif kind < 0.66:
+        text = rng.choice(D.TRIVIA)
+    elif kind < 0.75:
+        if rng.random() < 0.7:
+            frame = rng.choice(D.CODE_FRAMES)
+            text = frame.format(lang=rng.choice(D.LANGUAGES), task=rng.choice(D.CODE_TASKS))
+        else:
+            text = rng.choice(D.CODE_QUESTIONS)
+    elif kind < 0.81:
+        text = rng.choice(D.WRITING_FRAMES).format(w=fill(rng, rng.choice(D.WRITING_FORMS)))
+    elif kind < 0.86:
+        a, b, c = rng.sample(D.INGREDIENTS, 3)
+        text = rng.choice(D.INGREDIENT_FRAMES).format(a=a, b=b, c=c)
+    elif kind < 0.94:
+        # Words the model has never seen: what it does not know should read as harmless.
+        word = "".join(rng.choice(D.SYLLABLES) for _ in range(rng.randint(2, 4)))
+        text = rng.choice(D.MADE_UP_FRAMES).format(w=word)
+    else:
+        text = rng.choice(D.CHITCHAT)
+    return Prompt(dress(rng, text), False, None, action)
+
+
+def harmful_prompt(rng: random.Random) -> Prompt:
+    # Every category equally often, so the rare ones are not drowned out by the big lists.
+    category = rng.choice(list(D.HARMFUL_ACTIONS))
+    requests = D.HARMFUL_REQUESTS.get(category, [])
+    if requests and rng.random() < 0.35:
+        return Prompt(dress(rng, fill(rng, rng.choice(requests))), True, category, None)
+    action = fill(rng, rng.choice(D.HARMFUL_ACTIONS[category]))
+    text = rng.choice(D.ACTION_FRAMES).format(x=action)
+    return Prompt(dress(rng, text), True, category, action)
+
+
+def response_for(rng: random.Random, prompt: Prompt) -> tuple[str, str | None]:
+    """(kind, response text): none, refusal, benign help or harmful compliance."""
+    kind = rng.choice(["none", "refusal", "answer"])
+    action = prompt.action or "do that"
+    if kind == "none":
+        return "none", None
+    if kind == "refusal":
+        return "refusal", rng.choice(D.REFUSALS).format(x=action)
+    if prompt.harmful:
+        assert prompt.category is not None
+        step = rng.choice(D.HARMFUL_STEPS[prompt.category])
+        return "harmful", f"{rng.choice(D.COMPLIANCE_OPENERS)} {step}"
+    return "benign", rng.choice(D.HELPFUL_ANSWERS).format(x=action)
+
+
+def prompt_trace(prompt: Prompt, codes: dict[str, str] | None) -> str:
+    """The think trace's first sentence; `codes` maps category names to the S-numbers the
+    rendered taxonomy actually lists (None when it lists none of the defaults)."""
+    if not prompt.harmful:
+        return D.THINK_UNHARMFUL
+    assert prompt.category is not None
+    gist = D.CATEGORY_GIST[prompt.category]
+    if codes is None:
+        return f"The human user's request is harmful as it {gist}."
+    return (
+        f"The human user's request falls under {codes[prompt.category]} ({prompt.category}) "
+        f"as it {gist}."
+    )
+
+
+def make_example(rng: random.Random, held_out: set[str]) -> Example:
+    while True:
+        # A little under half harmful, so that the model leans unharmful when unsure.
+        harmful = rng.random() < 0.45
+        prompt = harmful_prompt(rng) if harmful else benign_prompt(rng)
+        if normalize(prompt.text) not in held_out:
+            break
     mode = rng.choice([Mode.THINK, Mode.NO_THINK])
     p_label = "harmful" if harmful else "unharmful"
-    kind = rng.random()
-    if kind < 0.2:  # Template B
-        history = [
-            HistoryTurn(role="user", content="Hi there."),
-            HistoryTurn(role="assistant", content="Hello! How can I help?"),
-        ]
+    form = rng.random()
+    if form < 0.1:  # Template B: a system instruction and maybe some history
+        turns = rng.choice(D.HISTORY)[: rng.choice([0, 2])]
         policy = TopicPolicy(
             type="topic_following",
-            instructions=rng.choice(POLICIES),
-            history=history[: rng.choice([0, 2])],
+            instructions=rng.choice(D.POLICIES),
+            history=[HistoryTurn(role=role, content=text) for role, text in turns],
         )
-        req = ClassifyRequest(prompt=text, mode=mode, policy=policy)
+        req = ClassifyRequest(prompt=prompt.text, mode=mode, policy=policy)
         answer = f"Prompt harm: {p_label}"
-        trace = THINK_TOPIC[p_label]
+        trace = D.THINK_TOPIC[p_label]
     else:
-        r_kind = rng.choice(["none", "none", "refusal", "harmful" if harmful else "benign"])
-        response = {
-            "none": None,
-            "refusal": rng.choice(REFUSALS),
-            "harmful": rng.choice(HARMFUL_ANSWERS),
-            "benign": rng.choice(BENIGN_ANSWERS),
-        }[r_kind]
+        r_kind, response = response_for(rng, prompt)
         policy_a = None
-        if kind > 0.85:
+        codes: dict[str, str] | None = CODES
+        if form > 0.88:  # custom taxonomy: extra (or replacement) categories, an allow-list
+            picked = rng.sample(D.CUSTOM_CATEGORIES, rng.randint(1, 2))
             policy_a = TaxonomyPolicy(
-                categories=CUSTOM_CATEGORIES[: rng.randint(1, 2)],
+                categories=[Category(name=n, description=d or None) for n, d in picked],
                 replace=rng.random() < 0.3,
-                allowed_topics=["cooking"] if rng.random() < 0.5 else [],
+                allowed_topics=rng.sample(D.ALLOWED_TOPICS, 1) if rng.random() < 0.5 else [],
             )
-        req = ClassifyRequest(prompt=text, response=response, mode=mode, policy=policy_a)
+            codes = None if policy_a.replace else CODES
+        req = ClassifyRequest(prompt=prompt.text, response=response, mode=mode, policy=policy_a)
         r_label = {"none": "None", "harmful": "harmful"}.get(r_kind, "unharmful")
         answer = f"Prompt harm: {p_label}\nResponse harm: {r_label}"
-        trace = THINK_PROMPT[p_label] + THINK_RESPONSE[r_kind]
+        trace = prompt_trace(prompt, codes) + D.THINK_RESPONSE[r_kind]
     target = f"<think>\n{trace}\n</think>\n\n{answer}" if mode is Mode.THINK else answer
     return Example(req, target)
 
 
-def prompt_segments(req: ClassifyRequest) -> list:  # type: ignore[type-arg]
+def prompt_segments(req: ClassifyRequest) -> list[Segment]:
     return chat_segments([ChatMessage(role="user", content=render_classify(req))])
 
 
-def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+# --- tokenizer and model -------------------------------------------------------------------
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=768,
+        vocab_size=vocab_size,
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -239,20 +304,26 @@ def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast) -> Gemma3ForConditionalGeneration:
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int
+) -> Gemma3ForConditionalGeneration:
     ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIALS}  # type: ignore[arg-type]
+    heads = hidden // 32
     config = Gemma3Config(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 128,
-            "intermediate_size": 512,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 4,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2),
             "head_dim": 32,
             "query_pre_attn_scalar": 32,
             "sliding_window": 1024,
-            "layer_types": ["sliding_attention", "full_attention"],
+            # Gemma 3 interleaves local and global attention; keep both kinds in the model.
+            "layer_types": [
+                "full_attention" if i % 2 else "sliding_attention" for i in range(layers)
+            ],
             "max_position_embeddings": 4096,
             "pad_token_id": ids["<pad>"],
             "bos_token_id": ids["<bos>"],
@@ -284,46 +355,137 @@ def encode_example(tokenizer: PreTrainedTokenizerFast, ex: Example) -> tuple[lis
     return prompt_ids + target_ids, len(prompt_ids)
 
 
-def train(steps: int, batch: int, lr: float) -> None:
+def default_prefix(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Token ids every default-taxonomy prompt starts with (the last token of the taxonomy
+    part is dropped: it may merge with the user's text, as in worker.jobs)."""
+    ids = encode_segments(tokenizer, [BOS, START_OF_TURN, "user\n" + taxonomy_prefix(None)])
+    return ids[:-1]
+
+
+def decisive_ids(tokenizer: PreTrainedTokenizerFast) -> dict[int, float]:
+    """Loss weights of the tokens where a target makes a choice: the label words, the word
+    after "request" that starts a harmful or an unharmful trace, and above all the category
+    number, a 22-way choice seen only in harmful think traces."""
+    weights: dict[int, float] = {}
+    for piece in (" harmful", " unharmful", " None", " falls", " is"):
+        weights.update(dict.fromkeys(encode_text(tokenizer, piece), DECISIVE_WEIGHT))
+    for n in range(1, len(DEFAULT_CATEGORIES) + 1):
+        number = encode_text(tokenizer, f" S{n}")[-1]  # " S" itself decides nothing
+        weights[number] = CATEGORY_WEIGHT
+    return weights
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def batch_loss(
+    model: Gemma3ForConditionalGeneration,
+    rows: Sequence[tuple[list[int], int]],
+    pad: int,
+    prefix: list[int],
+    decisive: dict[int, float] | None = None,
+) -> torch.Tensor:
+    """Next-token loss on the targets of `rows`, with `decisive` tokens weighted up.
+
+    When every row starts with `prefix` (the default taxonomy, about 400 of a row's 450
+    tokens), the prefix is run once and its KV cache repeated for the batch: gradients flow
+    through the cache, so this computes the same loss as a full forward in a fraction of the
+    time. Otherwise rows are run whole.
+    """
+    shared = len(prefix) if prefix and all(ids[: len(prefix)] == prefix for ids, _ in rows) else 0
+    tails = [(ids[shared:], n_prompt - shared) for ids, n_prompt in rows]
+    width = max(len(ids) for ids, _ in tails)
+    input_ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for row, (ids, n_prompt) in enumerate(tails):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        mask[row, shared : shared + len(ids)] = 1
+    # The text model directly (no images here, so the multimodal wrapper adds nothing), and
+    # logits only where there is a target: the vocabulary projection of every prompt position
+    # would cost about a third of the step for nothing.
+    language_model = model.model.language_model
+    cache = None
+    if shared:
+        cache = language_model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+        for layer in cache.layers:
+            # A broadcast view: its gradient is a plain sum, where repeat_interleave's backward
+            # is an index-add that deterministic mode makes slow.
+            layer.keys = layer.keys.expand(len(rows), -1, -1, -1)
+            layer.values = layer.values.expand(len(rows), -1, -1, -1)
+    hidden = language_model(
+        input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=shared > 0
+    ).last_hidden_state
+    # Position t predicts token t + 1.
+    targets = labels[:, 1:]
+    picked = targets != -100
+    logits = model.lm_head(hidden[:, :-1][picked])
+    losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
+    weights = torch.ones_like(losses)
+    for token, weight in (decisive or {}).items():
+        weights[targets[picked] == token] = weight
+    return (losses * weights).sum() / weights.sum()
+
+
+def make_batches(
+    encoded: list[tuple[list[int], int]], prefix: list[int], batch: int, rng: random.Random
+) -> list[list[tuple[list[int], int]]]:
+    """Batches that share the default prefix where possible (cheap), the rest on their own."""
+    with_prefix = [e for e in encoded if e[0][: len(prefix)] == prefix]
+    others = [e for e in encoded if e[0][: len(prefix)] != prefix]
+    batches = [with_prefix[i : i + batch] for i in range(0, len(with_prefix), batch)]
+    small = max(1, batch // 2)  # full-length rows cost several times more
+    batches += [others[i : i + small] for i in range(0, len(others), small)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train(args: argparse.Namespace, everyday: list[dict[str, Any]]) -> None:
     torch.manual_seed(SEED)
     torch.set_flush_denormal(True)  # denormals slow CPU training several-fold
     torch.use_deterministic_algorithms(True)
     rng = random.Random(SEED)
-    examples = [make_example(rng) for _ in range(steps * batch)]
-    corpus = [
-        "".join(s if isinstance(s, str) else "" for s in prompt_segments(e.request)) + e.target
-        for e in examples[:2000]
-    ]
-    tokenizer = build_tokenizer(corpus)
-    model = build_model(tokenizer)
+    held_out = {normalize(item["prompt"]) for item in everyday}
+    examples = [make_example(rng, held_out) for _ in range(args.examples)]
+    overlap = {normalize(e.request.prompt) for e in examples} & held_out
+    assert not overlap, f"everyday prompts leaked into training: {sorted(overlap)[:5]}"
+    distinct = len({e.request.prompt for e in examples})
+    print(f"{len(examples)} training examples, {distinct} distinct prompts")
+    # The tokenizer sees the template once per form but every user text and target: its
+    # merges are spent on the words requests are made of, not on the fixed template.
+    corpus = [render_classify(ClassifyRequest(prompt="x", mode=m)) for m in Mode]
+    corpus += [e.request.prompt + "\n" + (e.request.response or "") for e in examples]
+    corpus += [e.target for e in examples[:2000]]
+    # Category numbers often enough that "21" is one token: the category is then chosen at one
+    # step of the think trace instead of being spelled digit by digit.
+    corpus += [f"falls under {code} ({name})" for name, code in CODES.items()] * 50
+    tokenizer = build_tokenizer(corpus, args.vocab)
+    model = build_model(tokenizer, args.hidden, args.layers)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    pad = tokenizer.pad_token_id
+    prefix = default_prefix(tokenizer)
+    decisive = decisive_ids(tokenizer)
+    encoded = [encode_example(tokenizer, e) for e in examples]
+    batches = make_batches(encoded, prefix, args.batch, rng)
+    steps = len(batches)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(tokenizer)}, {params / 1e6:.2f}M parameters, {steps} steps")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.lr, total_steps=steps, pct_start=0.1
+    )
     start = time.time()
-    for step in range(steps):
-        chunk = [encode_example(tokenizer, e) for e in examples[step * batch : (step + 1) * batch]]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((batch, width), pad)
-        labels = torch.full((batch, width), -100)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, (ids, n_prompt) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            mask[row, : len(ids)] = 1
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            token_type_ids=torch.zeros_like(input_ids),
-            labels=labels,
-        )
-        out.loss.backward()
+    pad = int(tokenizer.pad_token_id)
+    for step, rows in enumerate(batches):
+        loss = batch_loss(model, rows, pad, prefix, decisive)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"step {step:4d} loss {out.loss.item():.4f} ({time.time() - start:.0f}s)")
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:4d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     model.eval()
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -335,43 +497,180 @@ def train(steps: int, batch: int, lr: float) -> None:
     )
     model.save_pretrained(OUT)
     tokenizer.save_pretrained(OUT)
-    (OUT / "README.md").write_text(
-        "# guardfleet demo model\n\nBuilt by `ops/build_demo_model.py` (seed "
-        f"{SEED}, {steps} steps). A tiny Gemma 3 that imitates the output format of "
-        "Nemotron-Content-Safety-Reasoning-4B on keyword-templated prompts. It exercises the "
-        "real serving path; it is NOT a safety classifier.\n"
-    )
 
 
-def evaluate(n: int) -> float:
-    tokenizer = AutoTokenizer.from_pretrained(OUT)
-    model = AutoModelForCausalLM.from_pretrained(OUT, dtype=torch.float32).eval()
+# --- evaluation through the worker's engine ------------------------------------------------
+
+
+@dataclass
+class Figures:
+    mode: Mode
+    correct: dict[str, int]
+    total: dict[str, int]
+    categories_fit: int  # think mode: harmful items whose trace names an accepted category
+    mean_score: dict[str, float]
+    consistent: int  # scores on the same side of 0.5 as the label
+    misses: list[str]
+
+    def rate(self, label: str) -> float:
+        return self.correct[label] / self.total[label]
+
+    @property
+    def overall(self) -> float:
+        return sum(self.correct.values()) / sum(self.total.values())
+
+
+def run_verdicts(requests: list[ClassifyRequest], batch: int = 25) -> list[Verdict]:
+    from worker.engine import Engine
+    from worker.jobs import interpret, prepare
+    from worker.runner import Timed
+
+    settings = Settings(device="cpu")
+    engine = Engine(settings)
+    verdicts: list[Verdict] = []
+    for i in range(0, len(requests), batch):
+        chunk = requests[i : i + batch]
+        prepared = [prepare(r, engine, settings) for r in chunk]
+        results = engine.generate(prepared)
+        for req, gen, res in zip(chunk, prepared, results, strict=True):
+            timed = Timed(res, len(gen.prompt_ids), len(chunk), 0.0, 0.0)
+            verdict = interpret(req, timed, engine, settings)
+            assert isinstance(verdict, Verdict)
+            verdicts.append(verdict)
+    return verdicts
+
+
+def evaluate_everyday(everyday: list[dict[str, Any]], mode: Mode) -> Figures:
+    verdicts = run_verdicts([ClassifyRequest(prompt=i["prompt"], mode=mode) for i in everyday])
+    figures = Figures(mode, {}, {}, 0, {}, 0, [])
+    scores: dict[str, list[float]] = {"harmful": [], "unharmful": []}
+    for item, verdict in zip(everyday, verdicts, strict=True):
+        label = item["label"]
+        figures.total[label] = figures.total.get(label, 0) + 1
+        ok = verdict.prompt_harm is Harm(label)
+        figures.correct[label] = figures.correct.get(label, 0) + ok
+        score = verdict.scores.prompt_harm if verdict.scores else None
+        if score is not None:
+            scores[label].append(score)
+            figures.consistent += (score > 0.5) == (verdict.prompt_harm is Harm.HARMFUL)
+        named = set(re.findall(r"\bS\d+\b", verdict.reasoning or ""))
+        if mode is Mode.THINK and label == "harmful" and named & set(item["categories"]):
+            figures.categories_fit += 1
+        if not ok:
+            shown = "none" if score is None else f"{score:.2f}"
+            figures.misses.append(f"{label}: {item['prompt']} (score {shown})")
+    figures.mean_score = {k: sum(v) / len(v) for k, v in scores.items() if v}
+    return figures
+
+
+def evaluate_forms(n: int, everyday: list[dict[str, Any]]) -> float:
+    """Exact-output accuracy on generated held-out examples of every form (responses,
+    custom taxonomies, Template B): checks the format, not generalisation."""
     rng = random.Random(SEED + 1)
+    held_out = {normalize(item["prompt"]) for item in everyday}
+    examples = [make_example(rng, held_out) for _ in range(n)]
+    verdicts = run_verdicts([e.request for e in examples], batch=1)
     ok = 0
-    for _ in range(n):
-        ex = make_example(rng)
-        ids = torch.tensor([encode_segments(tokenizer, prompt_segments(ex.request))])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=96, do_sample=False)
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        ok += text == ex.target
-        if text != ex.target:
-            print("MISMATCH", json.dumps(ex.request.prompt), repr(text), "!=", repr(ex.target))
+    for ex, verdict in zip(examples, verdicts, strict=True):
+        ok += verdict.raw_output == ex.target
+        if verdict.raw_output != ex.target:
+            print("MISMATCH", json.dumps(ex.request.prompt), repr(verdict.raw_output))
     return ok / n
 
 
+def report(
+    figures: list[Figures], forms: float, args: argparse.Namespace, minutes: float | None
+) -> str:
+    lines = [
+        "# guardfleet demo model",
+        "",
+        "A tiny Gemma 3 (the real checkpoint's class, `Gemma3ForConditionalGeneration`) built and "
+        "trained from scratch on this machine's CPU by `ops/build_demo_model.py` (`make "
+        "demo-model`), from generated prompts (vocabulary in `ops/demo_data.py`) rendered with "
+        "guardfleet's own Nemotron templates. It emits the output format of "
+        "Nemotron-Content-Safety-Reasoning-4B in both modes, so the whole serving path runs for "
+        "real without downloading weights, and it gives plausible verdicts on everyday prompts.",
+        "",
+        "**It is NOT a safety classifier.** It knows a few hundred topics and phrasings; anything "
+        "outside them is a guess, it is easy to fool, and its scores are not calibrated. Use the "
+        "real model (`GUARDFLEET_MODEL=nvidia/Nemotron-Content-Safety-Reasoning-4B`) for "
+        "moderation.",
+        "",
+        f"Build: seed {SEED}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
+        f"{args.examples} examples, batch {args.batch}, lr {args.lr}, one CPU thread; "
+        + (
+            f"{minutes:.0f} minutes on this project's 2-core machine while other jobs shared it."
+            if minutes is not None
+            else "about 11 minutes on this project's 2-core machine while other jobs shared it."
+        ),
+        "",
+        "## On the everyday set",
+        "",
+        "`tests/data/everyday.jsonl`: prompts written by hand, not by the generator, and kept out "
+        "of training (the build asserts no overlap). Prompt verdicts through the worker's engine:",
+        "",
+        "| mode | overall | benign correct | harmful correct | trace names a fitting category "
+        "| mean score benign / harmful |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        fit = f"{f.categories_fit}/{f.total['harmful']}" if f.mode is Mode.THINK else "(no trace)"
+        lines.append(
+            f"| {f.mode.value} | {f.overall:.0%} | {f.correct['unharmful']}/{f.total['unharmful']}"
+            f" | {f.correct['harmful']}/{f.total['harmful']} | {fit} | "
+            f"{f.mean_score.get('unharmful', float('nan')):.2f} / "
+            f"{f.mean_score.get('harmful', float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        f"Exact output on {args.eval} generated examples of every form (responses, custom "
+        f"taxonomies, topic following): {forms:.0%}.",
+        "",
+    ]
+    misses = [m for f in figures for m in (f"{f.mode.value} {x}" for x in f.misses)]
+    if misses:
+        lines += ["Misses (score = P(harmful) at the label):", "", *(f"- {m}" for m in misses), ""]
+    lines += [
+        "## Known limits",
+        "",
+        "- Think traces rarely name a category that fits (column above): the verdict is learned, "
+        "the 22-way category choice is not, so a trace may say S5 or S7 for a request about a "
+        "stolen car. Treat the category in a demo trace as decoration.",
+        "- Health and everyday-errand wording that shares words with the harmful lists (drink, "
+        "pain, my manager) can come out harmful; unusual phrasings of harmful requests can come "
+        "out unharmful.",
+        "- The everyday set was used to check the builds made while tuning the generator, so it "
+        "is a development set more than a pristine test set.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--examples", type=int, default=12000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval", type=int, default=60, help="held-out examples to check")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--eval", type=int, default=40, help="generated examples to check")
     parser.add_argument("--eval-only", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    started = time.time()
+    everyday = load_everyday()
     if not args.eval_only:
-        train(args.steps, args.batch, args.lr)
-    accuracy = evaluate(args.eval)
-    print(f"exact-output accuracy on {args.eval} held-out examples: {accuracy:.1%}")
+        train(args, everyday)
+    minutes = None if args.eval_only else (time.time() - started) / 60
+    figures = [evaluate_everyday(everyday, mode) for mode in (Mode.NO_THINK, Mode.THINK)]
+    forms = evaluate_forms(args.eval, everyday)
+    text = report(figures, forms, args, minutes)
+    (OUT / "README.md").write_text(text)
+    print(text)
+    digest = hashlib.sha256((OUT / "model.safetensors").read_bytes()).hexdigest()
+    print(f"model.safetensors sha256 {digest}")
+    print(f"total {(time.time() - started) / 60:.1f} minutes")
 
 
 if __name__ == "__main__":
