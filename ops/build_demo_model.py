@@ -10,7 +10,7 @@ learns the *output format* of Nemotron-Content-Safety-Reasoning-4B in both modes
 no_think, with and without a response, Template A default and custom taxonomy, Template B) and
 gives plausible verdicts on everyday prompts. It is NOT a safety classifier.
 
-After training it is scored through the worker's own engine (worker.engine + worker.jobs, so
+After training it is scored through the worker's own engine (worker.engine + worker.prompting, so
 the verdicts and scores are exactly what the service returns) on the hand-written everyday set
 tests/data/everyday.jsonl, which never enters training, and the figures go into the model's
 README.
@@ -357,7 +357,7 @@ def encode_example(tokenizer: PreTrainedTokenizerFast, ex: Example) -> tuple[lis
 
 def default_prefix(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     """Token ids every default-taxonomy prompt starts with (the last token of the taxonomy
-    part is dropped: it may merge with the user's text, as in worker.jobs)."""
+    part is dropped: it may merge with the user's text, as in worker.prompting)."""
     ids = encode_segments(tokenizer, [BOS, START_OF_TURN, "user\n" + taxonomy_prefix(None)])
     return ids[:-1]
 
@@ -522,7 +522,7 @@ class Figures:
 
 def run_verdicts(requests: list[ClassifyRequest], batch: int = 25) -> list[Verdict]:
     from worker.engine import Engine
-    from worker.jobs import interpret, prepare
+    from worker.prompting import interpret, prepare
     from worker.runner import Timed
 
     settings = Settings(device="cpu")

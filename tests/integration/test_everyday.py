@@ -16,7 +16,7 @@ import pytest
 from guardfleet.schemas import ClassifyRequest, Harm, Mode, Verdict
 from guardfleet.settings import Settings
 from worker.engine import Engine
-from worker.jobs import interpret, prepare
+from worker.prompting import interpret, prepare
 from worker.runner import Timed
 
 EVERYDAY = Path(__file__).resolve().parents[1] / "data" / "everyday.jsonl"
