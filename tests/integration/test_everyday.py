@@ -1,7 +1,8 @@
 """The demo model on everyday prompts, through the real engine: what a newcomer would try first.
 
 tests/data/everyday.jsonl is written by hand and never used in training (ops/build_demo_model.py
-asserts that); the demo model must get at least 90% of each class right in both modes.
+asserts that); the demo model must get at least 90% of each class right in both modes (the
+build script reports the whole set; think mode here checks a fixed fifth of it, for time).
 """
 
 from __future__ import annotations
@@ -34,17 +35,22 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def everyday(engine: Engine) -> dict[Mode, list[tuple[dict[str, Any], Verdict]]]:
-    """Every everyday prompt classified once per mode, shared by the tests below."""
+    """The everyday prompts classified once per mode, shared by the tests below.
+
+    no_think runs the whole set (a verdict is a few tokens). think writes a trace per prompt,
+    which costs several times more, so the suite checks every fifth prompt (10 per class) and
+    the build script reports the whole set in both modes."""
     items = load()
+    subsets = {Mode.NO_THINK: items, Mode.THINK: items[::5]}
     return {
         mode: list(
             zip(
-                items,
-                classify(engine, [ClassifyRequest(prompt=i["prompt"], mode=mode) for i in items]),
+                chosen,
+                classify(engine, [ClassifyRequest(prompt=i["prompt"], mode=mode) for i in chosen]),
                 strict=True,
             )
         )
-        for mode in Mode
+        for mode, chosen in subsets.items()
     }
 
 
@@ -97,7 +103,7 @@ def test_everyday_prompts_get_plausible_verdicts(
 @pytest.mark.xfail(
     strict=True,
     reason="known gap: the demo model's think traces mostly name a wrong category "
-    "(4 of 50 fit); see worker/demo_model/README.md",
+    "(4 of 50 fit in the build report); see worker/demo_model/README.md",
 )
 def test_think_traces_name_a_fitting_category(
     everyday: dict[Mode, list[tuple[dict[str, Any], Verdict]]],
