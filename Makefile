@@ -52,7 +52,7 @@ bench: $(STAMP)  ## engine and fleet benchmark; writes docs/benchmarks.md
 compose-check: $(STAMP)  ## render compose.yaml for every profile (no daemon needed)
 	$(BIN)/python -m pytest -m compose -s tests/compose -k config
 
-compose-test: $(STAMP)  ## build the images, run the CPU stack in Docker and test it (about 10 min)
+compose-test: $(STAMP)  ## build the images, run the CPU stack in Docker and test it (about 7 min)
 	$(BIN)/python -m pytest -m compose -s -o timeout=1800 --durations=0 tests/compose
 
 demo-model: $(STAMP)  ## rebuild worker/demo_model from scratch (a few minutes on 2 cores)
