@@ -38,7 +38,7 @@ from tests.compose.engine import (
     run,
     say,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 # Its own project name and ports, so the test never touches an operator's `guardfleet` stack or
 # anything listening on :8000 / :5555.
@@ -105,15 +105,6 @@ class Stack:
 
     def containers(self, service: str) -> list[str]:
         return run(self.argv("ps", "-q", service), env=self.engine.env).stdout.split()
-
-
-def wait_until(check: Any, timeout: float, what: str, every: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def clean_env(engine: Engine) -> dict[str, str]:
@@ -403,9 +394,11 @@ def test_two_workers_share_the_queue_and_a_killed_one_loses_nothing(stack: Stack
     redelivered = [j["id"] for j in jobs if j["attempts"] >= 2]
     say(f"{len(redelivered)} jobs started by the killed worker were redelivered")
     # Exactly one completion per job: each sends one webhook when it succeeds.
-    wait_until(lambda: len(stack.receiver.payloads("/b")) >= len(ids), 60, "the burst webhooks")
+    receiver = stack.receiver
+    assert receiver is not None
+    wait_until(lambda: len(receiver.payloads("/b")) >= len(ids), 60, "the burst webhooks")
     time.sleep(2)  # a duplicate would arrive about now
-    counts = Counter(p["data"]["id"] for p in stack.receiver.payloads("/b"))
+    counts = Counter(p["data"]["id"] for p in receiver.payloads("/b"))
     assert counts == dict.fromkeys(ids, 1)
 
 
