@@ -17,7 +17,6 @@ import logging
 import random
 import socket
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -31,16 +30,12 @@ from guardfleet.schemas import utcnow
 from guardfleet.settings import get_settings
 from guardfleet.webhooks import DeliveryStore, record
 from worker.consume import run_worker
+from worker.leases import DueSet
 from worker.webhook_transport import WebhookSender, attempt
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25
-_CLAIM_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
-for _, member in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], member) end
-return due
-"""
 
 
 def create_app() -> Celery:
@@ -98,12 +93,11 @@ def _deliver(resource_id: str) -> None:
 
 
 def _requeue_due() -> None:
-    claim = _redis.register_script(_CLAIM_DUE)
+    outbox = DueSet(_redis, WEBHOOKS_DUE)
     while not _stop.wait(POLL_S):
         try:
-            now = time.time()
-            for member in claim(keys=[WEBHOOKS_DUE], args=[now, now + _settings.webhook_lease_s]):
-                app.send_task(TASK_DELIVER, args=[member.decode()], queue=QUEUE_WEBHOOKS)
+            for resource_id in outbox.take_due(_settings.webhook_lease_s):
+                app.send_task(TASK_DELIVER, args=[resource_id], queue=QUEUE_WEBHOOKS)
         except redis.RedisError as exc:
             log.warning("could not re-queue due webhooks: %s", exc)
 

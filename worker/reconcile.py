@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import redis
 
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
 from guardfleet.webhooks import SendTask
+from worker.leases import DueSet
 
 log = logging.getLogger(__name__)
-
-# Take up to ARGV[3] entries due by ARGV[1], leasing each until ARGV[2] (its next deadline).
-_CLAIM = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return ids
-"""
 
 # A new message generation for a job that is still open; forget it (nil) otherwise.
 _BUMP = """
@@ -58,7 +51,7 @@ class Reconciler:
         self.stale_s = stale_s
         self.every_s = every_s
         self.limit = limit
-        self._claim = client.register_script(_CLAIM)
+        self._open = DueSet(client, OPEN_JOBS)  # leased until the job's next deadline
         self._bump = client.register_script(_BUMP)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
@@ -71,11 +64,8 @@ class Reconciler:
 
     def sweep(self) -> int:
         """Re-publish the stale jobs due now; returns how many."""
-        now = time.time()
-        due = self._claim(keys=[OPEN_JOBS], args=[now, now + self.stale_s, self.limit])
         published = 0
-        for raw in due:
-            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        for job_id in self._open.take_due(self.stale_s, self.limit):
             bumped = self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK])
             if not bumped:
                 continue

@@ -25,9 +25,6 @@ from worker.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-# Values of GUARDFLEET_INJECT_FAULT that the fault suite uses to break the model thread for real.
-FAULTS = ("", "model_thread_dies", "model_thread_hangs")
-
 
 @dataclass
 class Timed:

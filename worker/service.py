@@ -26,7 +26,7 @@ from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
 from worker.batching import BatchPolicy
 from worker.engine import Engine
-from worker.errors import ModelUnavailable, StoreUnavailable
+from worker.errors import HandBack, ModelUnavailable, StoreUnavailable
 from worker.heartbeat import Heartbeat
 from worker.prompting import interpret, prepare
 from worker.reconcile import Reconciler
@@ -115,20 +115,16 @@ class WorkerService:
             try:
                 prepared = prepare(job.request, self.engine, self.settings)
                 future = submit(prepared)
-            except ModelUnavailable:
-                raise
             except Exception as exc:
-                self._finish(self._failed(job, exc))
+                self._fail(job, exc)
                 return
         try:
             # The watchdog hands back a stuck batch's futures; this bound is the backstop.
             timed = future.result(timeout=self.settings.model_stall_s + 30)
         except FutureTimeout:
             raise ModelUnavailable("no result from the model thread in time") from None
-        except ModelUnavailable:
-            raise
         except Exception as exc:
-            self._finish(self._failed(job, exc))
+            self._fail(job, exc)
             return
         try:
             result = interpret(job.request, timed, self.engine, self.settings)
@@ -180,6 +176,12 @@ class WorkerService:
                 log.info("not running job %s: %s", job_id, exc)
                 return None
         return running
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        """End the job as failed, unless the fault is not its own: then hand it back."""
+        if isinstance(exc, HandBack):
+            raise exc
+        self._finish(self._failed(job, exc))
 
     def _failed(self, job: Job, exc: Exception) -> Job:
         if isinstance(exc, GuardfleetError):
