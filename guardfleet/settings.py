@@ -46,9 +46,17 @@ class Settings(BaseSettings):
     max_new_tokens_think: int = Field(1024, ge=16)
     max_chat_tokens: int = Field(2048, ge=1, description="upper bound for chat max_tokens")
     default_chat_tokens: int = Field(1024, ge=1, description="chat max_tokens when not sent")
-    max_batch_size: int = Field(32, ge=1, description="most requests in one generate call")
-    max_wait_ms: float = Field(10.0, ge=0, description="longest a request waits for a batch")
-    max_batch_tokens: int = Field(32_768, ge=64, description="rows x longest prompt per batch")
+    max_batch_size: int = Field(64, ge=1, description="most requests decoding at once per worker")
+    kv_budget_tokens: int | None = Field(
+        None,
+        ge=256,
+        description="KV cache cells per worker (default: 80% of free GPU memory, or 4 GiB on CPU)",
+    )
+    prefill_chunk_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="prompt tokens per forward between decode steps (default: 4096 GPU, 512 CPU)",
+    )
     task_events: bool = Field(
         True, description="send Celery task events (Flower's task view; about 1 ms per job)"
     )
@@ -75,10 +83,12 @@ class Settings(BaseSettings):
         60.0, gt=0, description="how long a job waits out Redis errors before it is handed back"
     )
     model_stall_s: float = Field(
-        300.0, gt=0, description="a batch running longer than this means the model thread hangs"
+        300.0,
+        gt=0,
+        description="a model step running longer than this means the model thread hangs",
     )
     inject_fault: Literal["", "model_thread_dies", "model_thread_hangs"] = Field(
-        "", description="for the fault suite only: break the model thread on its first batch"
+        "", description="for the fault suite only: break the model thread on its first request"
     )
 
     # --- api --------------------------------------------------------------------------------

@@ -29,8 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,23 +41,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
-from guardfleet.schemas import ClassifyRequest  # noqa: E402
+from guardfleet.schemas import ClassifyRequest, Mode  # noqa: E402
 from guardfleet.settings import Settings  # noqa: E402
-from worker.batching import BatchPolicy, Pending, take_batch  # noqa: E402
-from worker.engine import DEMO_MODEL_DIR, Engine, GenRequest  # noqa: E402
+from ops import bench_engine  # noqa: E402
+from ops.bench_engine import percentile  # noqa: E402
+from worker.engine import DEMO_MODEL_DIR, Engine  # noqa: E402
 from worker.prompting import prepare  # noqa: E402
-
-FILLER_TEXT = (
-    "please explain how the local library schedules its weekend reading groups for children and "
-    "whether volunteers can help with the garden behind the old station near the river bank"
-)
-WORDS = tuple(FILLER_TEXT.split())
-
-
-@dataclass
-class Row:
-    label: str
-    values: dict[str, str]
 
 
 def free_port() -> int:
@@ -70,70 +58,29 @@ def free_port() -> int:
         return port
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
-    """Dense matmul FLOP/s of this machine: the ceiling model FLOP/s is compared against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        torch.matmul(a, b)
-    sync(device)
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        torch.matmul(a, b)
-        count += 1
-    sync(device)
-    return 2 * size**3 * count / (time.perf_counter() - started)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def user_text(tokenizer: Any, tokens: int, rng: random.Random) -> str:
-    words: list[str] = []
-    while len(tokenizer.encode(" ".join(words), add_special_tokens=False)) < tokens:
-        words.append(rng.choice(WORDS))
-    return " ".join(words)
-
-
-class FlopCounter:
-    """Model FLOPs of the tokens a forward pass really computes (padding and reused prefix
-    excluded): 2 x linear weights per token, attention 4 x heads x head_dim x context per layer,
-    and the LM head once per generated token."""
-
-    def __init__(self, config: Gemma3TextConfig, model: torch.nn.Module) -> None:
-        self.config = config
-        lm_head = config.vocab_size * config.hidden_size
-        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-        self.per_token = 2 * (linear - lm_head)
-        self.lm_head = 2 * lm_head
-        self.windows = [
-            config.sliding_window if kind == "sliding_attention" else None
-            for kind in config.layer_types or []
-        ]
-
-    def attention(self, position: int) -> int:
-        heads, dim = self.config.num_attention_heads, self.config.head_dim
-        return sum(4 * heads * dim * min(position + 1, w or position + 1) for w in self.windows)
-
-    def request(self, prompt: int, computed_from: int, generated: int) -> int:
-        prefill = sum(self.per_token + self.attention(p) for p in range(computed_from, prompt))
-        decode = sum(
-            self.per_token + self.attention(prompt + i) for i in range(max(generated - 1, 0))
-        )
-        return prefill + decode + self.lm_head * generated
+def tiny_config(vocab: int, window: int) -> Gemma3TextConfig:
+    """A small Gemma 3 whose sliding window prompts can exceed many times over."""
+    return Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=window,
+        max_position_embeddings=1024,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )
 
 
 def synthetic_engine(config: Gemma3TextConfig, device: str, dtype: str, workdir: Path) -> Engine:
     torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config)
+    with torch.device(device):  # random init where it will run: minutes faster for 4B on a GPU
+        model = Gemma3ForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(workdir)
+    del model
     AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(workdir)
     return Engine(Settings(model=str(workdir), device=device, dtype=dtype))
 
@@ -172,132 +119,103 @@ def gemma3_4b_config() -> Gemma3TextConfig:
     )
 
 
-def make_requests(
-    engine: Engine, n: int, lengths: tuple[int, int], new_tokens: int, seed: int
-) -> list[GenRequest]:
-    rng = random.Random(seed)
-    settings = Settings()
-    out = []
-    for _ in range(n):
-        text = user_text(engine.tokenizer, rng.randint(*lengths), rng)
-        req = prepare(ClassifyRequest(prompt=text), engine, settings)
-        req.max_new_tokens, req.force_length = new_tokens, True
-        out.append(req)
-    return out
+PLANS: dict[str, dict[str, Any]] = {
+    # requests, user-text lengths, static batch sizes, continuous max rows, backlog tokens
+    "cpu": {
+        "n": 64,
+        "lengths": (20, 400),
+        "static": [4, 16],
+        "max_batch": 64,
+        "think": 6,
+        "backlog": 768,
+        "probes": 20,
+        "steps": [1, 32],
+    },
+    "gpu": {
+        "n": 512,
+        "lengths": (100, 100),
+        "static": [32, 128],
+        "max_batch": 256,
+        "think": 52,
+        "backlog": 768,
+        "probes": 30,
+        "steps": [1, 32, 128],
+    },
+    "smoke": {
+        "n": 12,
+        "lengths": (20, 60),
+        "static": [4],
+        "max_batch": 16,
+        "think": 2,
+        "backlog": 48,
+        "probes": 4,
+        "steps": [1, 4],
+    },
+}
 
 
-def run_engine(
-    engine: Engine, requests: list[GenRequest], batch_size: int, reuse: bool, flops: FlopCounter
-) -> dict[str, float]:
-    """Feed all requests through the batcher's own batch formation; time each batch."""
-    engine.reuse_prefix = reuse
-    policy = BatchPolicy(max_batch_size=batch_size, max_wait_ms=0, max_batch_tokens=10**9)
-    pending = [Pending(r, len(r.prompt_ids), r.batch_key, 0.0) for r in requests]
-    engine.generate([requests[0]])  # warm the prefix cache and kernels outside the timing
-    latencies: list[float] = []
-    model_flops = 0
-    started = time.perf_counter()
-    while batch := take_batch(pending, now=1.0, policy=policy, more_coming=False):
-        t0 = time.perf_counter()
-        results = engine.generate([p.item for p in batch])
-        sync(engine.device)
-        latencies += [time.perf_counter() - t0] * len(batch)
-        for p, result in zip(batch, results, strict=True):
-            computed_from = p.item.prefix_len if reuse else 0
-            model_flops += flops.request(p.tokens, computed_from, len(result.token_ids))
-    elapsed = time.perf_counter() - started
-    return {
-        "rate": len(requests) / elapsed,
-        "p50": percentile(latencies, 50) * 1000,
-        "p95": percentile(latencies, 95) * 1000,
-        "flops": model_flops / elapsed,
-        "prefill_tokens": sum(len(r.prompt_ids) for r in requests) / elapsed,
-    }
+MODEL_TEXT = {
+    True: "Gemma-3-4B text architecture, bf16",
+    False: "synthetic Gemma 3 (hidden 512, 8 layers, the real layer pattern), fp32",
+}
 
 
-def run_continuous_batching(engine: Engine, requests: list[GenRequest]) -> float | str:
-    """transformers' own continuous batching (paged KV, block sharing), if it runs here."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=requests[0].max_new_tokens,
-        min_new_tokens=requests[0].max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=engine.pad_id,
-    )
-    try:
-        engine.model.generate_batch([requests[0].prompt_ids], generation_config=config)
-        started = time.perf_counter()
-        engine.model.generate_batch([r.prompt_ids for r in requests], generation_config=config)
-        return len(requests) / (time.perf_counter() - started)
-    except Exception as exc:  # recorded, not hidden: it is one of the options compared
-        return f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-
-
-def engine_section(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[list[str], dict[str, Any]]:
-    gpu = args.profile == "gpu"
-    real_gpu = gpu and not args.smoke
-    dtype = torch.bfloat16 if real_gpu else torch.float32
-    peak = matmul_rate(device, dtype, 8192 if real_gpu else 2048, 3.0)
-    tokenizer_vocab = len(AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))
-    config = gemma3_4b_config() if real_gpu else cpu_config(tokenizer_vocab)
+def engine_section(args: argparse.Namespace, device: torch.device) -> list[str]:
+    real_gpu = args.profile == "gpu" and not args.smoke
+    plan = PLANS["smoke" if args.smoke else args.profile]
+    dtype = "bfloat16" if real_gpu else "float32"
+    vocab = len(AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))
+    config = gemma3_4b_config() if real_gpu else cpu_config(vocab)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = synthetic_engine(
-            config, str(device), "bfloat16" if real_gpu else "float32", Path(tmp)
-        )
-    flops = FlopCounter(config, engine.model)
+        engine = synthetic_engine(config, str(device), dtype, Path(tmp))
+        engines = bench_engine.Engines(engine, plan["max_batch"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = synthetic_engine(tiny_config(vocab, 16), str(device), dtype, Path(tmp))
+    n, lengths = plan["n"], plan["lengths"]
+    no_think = bench_engine.classify_requests(engine, n, lengths, 12, seed=1)
+    think = bench_engine.classify_requests(engine, plan["think"], lengths, 200, 2, Mode.THINK)
+    backlog = bench_engine.classify_requests(engine, 32, (100, 100), plan["backlog"], 4)
+    probes = bench_engine.classify_requests(engine, plan["probes"], (20, 60), 12, seed=5)
+    engine.generate(no_think[:1])  # the prefix cache and kernels, outside every timing
     lines = [
-        f"Dense matmul rate ({'bf16 8192' if real_gpu else 'fp32 2048'}^3, this run): "
-        f"{peak / 1e9:,.0f} GFLOP/s",
+        f"Model: {MODEL_TEXT[real_gpu]}, random weights. "
+        f"Static engine: `generate` per batch, loaded from {bench_engine.STATIC_REV}.",
+        "",
+        "#### Decode step cost",
+        "",
+        *bench_engine.step_costs(engines, no_think, plan["steps"]),
+        "",
+        f"#### no_think throughput: {n} requests (user texts {lengths[0]}-{lengths[1]} tokens, "
+        "12 tokens out), all submitted at once",
+        "",
+        *bench_engine.throughput(engines, no_think, plan["static"]),
         "",
     ]
-    facts: dict[str, Any] = {"peak": peak}
-    sizes = [1, 4, 16, 32] + ([64, 128] if real_gpu else [])
-    n = args.requests
-    lengths = (100, 100) if gpu else (20, 400)
-    for label, new_tokens in [("no_think (12 tokens)", 12)] + (
-        [("think (200 tokens)", 200)] if gpu else []
-    ):
-        requests = make_requests(engine, n, lengths, new_tokens, seed=1)
+    print("\n".join(lines), flush=True)
+    if real_gpu:
+        single = engines.run("new", [(i * 0.3, r, "x") for i, r in enumerate(no_think[:40])])
         lines += [
-            f"### {label}, {n} requests, user texts {lengths[0]}-{lengths[1]} tokens",
+            f"p50 latency at concurrency 1 (no_think): {percentile(single['x'], 50):.0f} ms",
             "",
-            "| batch | prefix reuse | class./s | vs batch 1 | vs no reuse | p50 ms | p95 ms "
-            "| prefill tok/s | model FLOP/s | of matmul rate |",
-            "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        base: float | None = None
-        for size in sizes:
-            results = {}
-            for reuse in (False, True):
-                results[reuse] = r = run_engine(engine, requests, size, reuse, flops)
-                base = base or r["rate"]
-                lines.append(
-                    f"| {size} | {'yes' if reuse else 'no'} | {r['rate']:.2f} | "
-                    f"{r['rate'] / base:.2f}x | {r['rate'] / results[False]['rate']:.2f}x | "
-                    f"{r['p50']:.0f} | {r['p95']:.0f} | {r['prefill_tokens']:,.0f} | "
-                    f"{r['flops'] / 1e9:,.1f} G | {r['flops'] / peak:.0%} |"
-                )
-                facts[f"{label}/{size}/{reuse}"] = r
-            print("\n".join(lines[-2:]), flush=True)
-        if not gpu:
-            cb = run_continuous_batching(engine, requests)
-            best = max(facts[f"{label}/{s}/True"]["rate"] for s in sizes)
-            cb_text = (
-                f"{cb:.2f} class./s ({cb / best:.2f}x our best)" if isinstance(cb, float) else cb
-            )
-            lines += [
-                "",
-                f"transformers continuous batching (`generate_batch`), same requests: {cb_text}",
-            ]
-        lines.append("")
-        if gpu:
-            single = run_engine(engine, requests[:32], 1, True, flops)
-            lines.append(f"p50 latency at concurrency 1 ({label}): {single['p50']:.0f} ms\n")
-    return lines, facts
+    part = [
+        f"#### Mixed workload: {n - plan['think']} no_think + {plan['think']} think (200 tokens), "
+        "shuffled, submitted at once",
+        "",
+        *bench_engine.mixed(engines, no_think[plan["think"] :], think),
+        "",
+        "#### Head-of-line: a sync no_think call every 200 ms while a backlog runs",
+        "",
+        *bench_engine.head_of_line(engines, probes, backlog, 0.2),
+        "",
+        "#### transformers' continuous batching",
+        "",
+        *bench_engine.generate_batch_check(engine, no_think[:32]),
+        bench_engine.sliding_window_check(tiny, 16),
+        "",
+    ]
+    print("\n".join(part), flush=True)
+    return lines + part
 
 
 def fleet_section(args: argparse.Namespace) -> list[str]:
@@ -340,7 +258,10 @@ def fleet_section(args: argparse.Namespace) -> list[str]:
         settings = Settings()
         engine = Engine(Settings(device="cpu"))
         rng = random.Random(2)
-        texts = [user_text(engine.tokenizer, rng.randint(20, 120), rng) for _ in range(args.light)]
+        texts = [
+            bench_engine.user_text(engine.tokenizer, rng.randint(20, 120), rng)
+            for _ in range(args.light)
+        ]
         direct = []
         for text in texts:
             req = prepare(ClassifyRequest(prompt=text), engine, settings)
@@ -467,7 +388,7 @@ def main() -> None:
         "",
     ]
     print("\n".join(header), flush=True)
-    engine_lines, _ = engine_section(args, device)
+    engine_lines = engine_section(args, device)
     lines = [*header, "### Engine", "", *engine_lines]
     if args.profile == "cpu" and not args.skip_fleet:
         lines += fleet_section(args)

@@ -112,7 +112,6 @@ def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
         GUARDFLEET_HEARTBEAT_TTL_S="4",
         GUARDFLEET_HEARTBEAT_INTERVAL_S="1",
         GUARDFLEET_MAX_BATCH_SIZE="8",
-        GUARDFLEET_MAX_WAIT_MS="5",
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS="1",
     )

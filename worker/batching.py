@@ -1,21 +1,23 @@
-"""When to run a batch and what goes in it: pure logic, no torch, no threads.
+"""Who joins the running set next: pure logic, no torch, no threads.
 
-Two named knobs decide *when* (`max_batch_size`, `max_wait_ms`) and one decides *how much*
-(`max_batch_tokens`, counting padding: a batch costs rows x its longest prompt). Only requests
-with the same generation key (sampling settings, max_new_tokens) may share a batch, because
-`generate` takes one set of settings.
+The model thread runs a set of rows one decode step at a time (continuous batching); between
+steps it asks `admit()` which waiting requests to prefill and add. Two named knobs bound the set:
 
-The oldest request always goes into the next batch of its key, so nothing starves; the rest of
-the batch is filled with the requests closest to it in length, which keeps padding low.
+- `max_batch_size`: rows decoding or prefilling at once;
+- `kv_budget_tokens`: KV cache cells. Rows are right-aligned in one cache, so it holds
+  rows x the longest row; a row may grow to its prompt plus `max_new_tokens`, so admission
+  counts rows x the largest such reservation and the cache never outgrows the budget.
 
-Waiting only pays when more requests are on their way: the caller says whether any are
-(`more_coming`: task threads that took a job but have not submitted it yet). At light load
-nothing is coming and a request runs at once instead of idling for `max_wait_ms`.
+Interactive requests (priority 0) go first, oldest first; bulk requests may fill the set only up
+to `max_batch_size - interactive_reserve`, so a backlog of long bulk generations always leaves
+room for a sync call to start at the next step. One admission is one prefill group, which must
+share its prefix (the KV of a shared prefix is copied in, not recomputed); the others wait for
+the next step, which comes a few milliseconds later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,62 +26,46 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch_size: int = 32
-    max_wait_ms: float = 10.0
-    max_batch_tokens: int = 32_768
+    max_batch_size: int = 64
+    kv_budget_tokens: int = 1 << 18
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_wait_ms < 0 or self.max_batch_tokens < 1:
+        if self.max_batch_size < 1 or self.kv_budget_tokens < 1:
             raise ValueError("batch policy values must be positive")
+
+    @property
+    def interactive_reserve(self) -> int:
+        return self.max_batch_size // 8
 
 
 @dataclass
 class Pending(Generic[T]):
     item: T
-    tokens: int
-    key: Hashable
+    reserved: int  # prompt tokens + max_new_tokens: the KV cells the row may grow to
+    prefix: Hashable  # rows of one prefill group share it
+    priority: int  # 0 interactive, 1 bulk
     enqueued_at: float  # seconds, monotonic clock
 
 
-def padded_tokens(batch: list[Pending[T]]) -> int:
-    return len(batch) * max(p.tokens for p in batch) if batch else 0
-
-
-def _fill(group: list[Pending[T]], policy: BatchPolicy) -> list[Pending[T]]:
-    oldest = group[0]
-    chosen = [oldest]
-    for candidate in sorted(group[1:], key=lambda p: abs(p.tokens - oldest.tokens)):
-        if len(chosen) == policy.max_batch_size:
-            break
-        if padded_tokens([*chosen, candidate]) <= policy.max_batch_tokens:
-            chosen.append(candidate)
-    return chosen
-
-
-def take_batch(
-    pending: list[Pending[T]], now: float, policy: BatchPolicy, more_coming: bool = True
+def admit(
+    waiting: list[Pending[T]], in_flight: Sequence[int], policy: BatchPolicy
 ) -> list[Pending[T]]:
-    """Remove and return the batch to run now, or return [] if it is better to wait.
+    """Remove and return the next prefill group (maybe empty).
 
-    `pending` is in arrival order. A batch runs when it is full (by rows or by tokens), when
-    its oldest request has waited `max_wait_ms`, or when nothing more is coming.
+    `waiting` is in arrival order; `in_flight` holds the reservation of every row already
+    running or prefilling.
     """
-    if not pending:
-        return []
-    oldest = pending[0]
-    group = [p for p in pending if p.key == oldest.key]
-    batch = _fill(group, policy)
-    full = len(batch) == policy.max_batch_size or len(batch) < len(group)
-    waited_ms = (now - oldest.enqueued_at) * 1000.0
-    if not full and more_coming and waited_ms < policy.max_wait_ms:
-        return []
-    taken = {id(p) for p in batch}
-    pending[:] = [p for p in pending if id(p) not in taken]
-    return sorted(batch, key=lambda p: p.tokens)
-
-
-def next_deadline(pending: list[Pending[T]], policy: BatchPolicy) -> float | None:
-    """When the oldest request's wait runs out (monotonic seconds), or None if idle."""
-    if not pending:
-        return None
-    return pending[0].enqueued_at + policy.max_wait_ms / 1000.0
+    rows, widest = len(in_flight), max(in_flight, default=0)
+    chosen: list[Pending[T]] = []
+    for candidate in sorted(waiting, key=lambda p: (p.priority, p.enqueued_at)):
+        limit = policy.max_batch_size - (policy.interactive_reserve if candidate.priority else 0)
+        wider = max(widest, candidate.reserved)
+        if rows + 1 > limit or (rows + 1) * wider > policy.kv_budget_tokens:
+            break  # strict order: a request that does not fit is not overtaken
+        if chosen and candidate.prefix != chosen[0].prefix:
+            continue
+        chosen.append(candidate)
+        rows, widest = rows + 1, wider
+    taken = {id(p) for p in chosen}
+    waiting[:] = [p for p in waiting if id(p) not in taken]
+    return chosen

@@ -109,7 +109,8 @@ def run_job(self: Task, job_id: str, gen: int = 1) -> None:
     if _service is None:
         raise RuntimeError("worker model not loaded")
     try:
-        _service.run(job_id, self.request.id, gen)
+        lane = (self.request.delivery_info or {}).get("routing_key")
+        _service.run(job_id, self.request.id, gen, lane)
     except HandBack as exc:
         log.warning("job %s handed back: %s", job_id, exc)
         raise Reject(str(exc), requeue=True) from exc

@@ -1,35 +1,41 @@
-"""The model engine: the only module that imports torch and transformers' models.
+"""The model engine: the only module that imports transformers' models.
 
-It loads one model on one device, warms it up, and runs `generate` over a batch of already
-tokenized requests that share generation settings (the batcher guarantees that). For each row
-it also keeps, at every step, how much probability the model put on tokens that begin
-"harmful" versus "unharmful"; the caller picks the step where a label was decided.
+It loads one model on one device and advances rows one forward pass at a time, so requests can
+join and leave a running set between decode steps (continuous batching):
+
+    begin(requests)  -> Prefill   rows laid out for their first forward; shared prefix copied in
+    prefill(p, n)    -> bool      at most ~n more prompt tokens; True once every row has a token
+    decode_step(b)   -> [Row]     one token for every running row; returns the rows that ended
+
+The runner (worker/runner.py) decides who joins and when; `generate()` runs a group to the end,
+for warm-up, tests and benchmarks. Masks are built from token positions (worker/kv.py), so each
+row's tokens are the ones it would get alone, and greedy rows stay exactly greedy
+(worker/sampling.py).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
-from transformers.generation.streamers import BaseStreamer
 
 from guardfleet.prompts import END_OF_TURN
 from guardfleet.settings import DEMO_MODEL, Settings
+from worker.kv import RowCache
+from worker.sampling import Picker, Plan, Sampling, generator_for, label_token_ids
 from worker.tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
-LABELS = ("harmful", "unharmful")
 
 
 def resolve_model(name: str) -> str:
@@ -58,10 +64,14 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     # The first `prefix_len` prompt tokens are shared with other requests (the taxonomy part of
-    # Template A); the engine computes their KV cache once and reuses it.
+    # Template A); the engine computes their KV cache once and copies it into each row.
     prefix_len: int = 0
     # Called from the model thread with each new token as it is generated (for streaming).
     on_token: Callable[[int], None] | None = None
+    # Set by anyone to drop the row at the next step (finish_reason "cancelled").
+    cancel: threading.Event | None = None
+    # 0 = interactive lane, 1 = bulk: the runner admits lower first when the running set is full.
+    priority: int = 0
     # Benchmarks only: generate exactly max_new_tokens, ignoring stop tokens.
     force_length: bool = False
 
@@ -70,82 +80,77 @@ class GenRequest:
         return tuple(self.prompt_ids[: self.prefix_len])
 
     @property
-    def batch_key(self) -> Hashable:
-        """Requests with different keys cannot share one `generate` call."""
-        sampling = (
-            (0.0, 1.0, None) if self.temperature <= 0 else (self.temperature, self.top_p, self.seed)
-        )
-        return (sampling, self.max_new_tokens, self.force_length, self.prefix)
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.seed, self.force_length)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV cells this request may grow to: what admission counts against the budget."""
+        return len(self.prompt_ids) + self.max_new_tokens
 
 
 @dataclass
 class GenResult:
     token_ids: list[int]
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length" or "cancelled"
     # Per generated step: log P(tokens starting "harmful"), log P(tokens starting "unharmful").
     label_logprobs: list[tuple[float, float]] = field(default_factory=list)
 
 
-class LabelCapture(LogitsProcessor):
-    """Records, per row and step, the log-probability mass on tokens that begin each label.
+@dataclass(eq=False)
+class Row:
+    """One request in flight: what it has generated so far and where its next token goes."""
 
-    Tokenizer-aware: a token counts for "harmful" if its text, case-folded and without leading
-    spaces, is a non-empty prefix of "harmful" (" harmful", "harm", "H"...); likewise for
-    "unharmful". The two sets are disjoint because the words differ in their first letter.
-    Two numbers per row per step, so it costs nothing next to storing full logits.
-    """
+    request: GenRequest
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    label_logprobs: list[tuple[float, float]] = field(default_factory=list)
+    finish: str | None = None
+    error: Exception | None = None  # its token callback failed: the row ends, alone
 
-    def __init__(self, label_ids: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.label_ids = label_ids
-        self.steps: list[torch.Tensor] = []
+    @property
+    def next_position(self) -> int:
+        # The last generated token is not in the cache yet: the next forward feeds it.
+        return len(self.request.prompt_ids) + len(self.tokens) - 1
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        self.steps.append(
-            torch.stack([torch.logsumexp(logp[:, ids], dim=-1) for ids in self.label_ids], dim=-1)
-        )
-        return scores
-
-
-class TokenFanout(BaseStreamer):
-    """Hands each row's new tokens to that request's callback, until the row stops."""
-
-    def __init__(self, callbacks: list[Callable[[int], None] | None], stop_ids: set[int]) -> None:
-        self.callbacks = callbacks
-        self.stop_ids = stop_ids
-        self.done = [cb is None for cb in callbacks]
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt itself
-            self.prompt_seen = True
-            return
-        for row, tokens in enumerate(value.reshape(len(self.callbacks), -1).tolist()):
-            for token in tokens:
-                if self.done[row]:
-                    break
-                if token in self.stop_ids:
-                    self.done[row] = True
-                    break
-                callback = self.callbacks[row]
-                assert callback is not None
-                callback(token)
-
-    def end(self) -> None:
-        self.done = [True] * len(self.callbacks)
+    def result(self) -> GenResult:
+        return GenResult(self.tokens, self.finish or "length", self.label_logprobs)
 
 
-def label_token_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    sets: tuple[list[int], list[int]] = ([], [])
-    for token_id, text in enumerate(texts):
-        piece = text.lstrip(" ").lower()
-        if not piece:
-            continue
-        for index, label in enumerate(LABELS):
-            if label.startswith(piece):
-                sets[index].append(token_id)
-    return sets
+@dataclass(eq=False)
+class Prefill:
+    """Rows whose prompts are being computed, `chunk` columns at a time."""
+
+    rows: list[Row]
+    cache: RowCache
+    input_ids: torch.Tensor  # [rows, columns] still to compute, left-padded
+    positions: torch.Tensor  # same shape, -1 on padding
+    done: int = 0  # columns computed
+
+    @property
+    def remaining(self) -> int:
+        return int(self.input_ids.shape[1]) - self.done
+
+
+@dataclass(eq=False)
+class Batch:
+    """The running set: rows that have a first token and are decoding. What a step feeds the
+    model stays on the device between steps; it is rebuilt only when rows join or leave."""
+
+    rows: list[Row]
+    cache: RowCache
+    plan: Plan
+    last: torch.Tensor  # [rows, 1]: each row's newest token, the next step's input
+    positions: torch.Tensor  # [rows, 1]: its position
+
+
+def default_kv_budget(device: torch.device, bytes_per_token: int) -> int:
+    """KV cells to allow when none is configured: most of what is free on a GPU after the
+    weights, 4 GiB on a CPU (which shares its memory with everything else)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(4096, int(free * 0.8) // bytes_per_token)
+    return max(4096, (4 << 30) // bytes_per_token)
 
 
 class Engine:
@@ -154,7 +159,7 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.model_name = settings.model
         self.reuse_prefix = settings.prefix_cache
-        self._prefix_kv: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._prefix_kv: OrderedDict[tuple[int, ...], RowCache] = OrderedDict()
         self.path = resolve_model(settings.model)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
@@ -167,21 +172,37 @@ class Engine:
             device_map={"": str(self.device)},  # accelerate places weights as they load
         )
         self.model.eval()
+        text = self.model.config.get_text_config()
+        if not getattr(text, "layer_types", None):
+            raise ValueError(f"{self.path}: not a Gemma 3 model (no layer_types in its config)")
+        # Masks per attention kind: sliding layers see only the last `sliding_window` positions.
+        self.windows = {
+            kind: (text.sliding_window if kind == "sliding_attention" else None)
+            for kind in set(text.layer_types)
+        }
+        self.kv_shape = (text.num_hidden_layers, text.num_key_value_heads, text.head_dim)
+        self.vocab_size = int(text.vocab_size)
+        layers, heads, dim = self.kv_shape
+        self.kv_bytes_per_token = 2 * layers * heads * dim * self.dtype.itemsize
+        self.kv_budget = settings.kv_budget_tokens or default_kv_budget(
+            self.device, self.kv_bytes_per_token
+        )
+        self.prefill_chunk = settings.prefill_chunk_tokens or (
+            4096 if self.device.type == "cuda" else 512
+        )
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.stop_ids = self._stop_ids()
-        harm, unharm = label_token_ids(self.tokenizer)
-        self.label_ids = (
-            torch.tensor(harm, device=self.device),
-            torch.tensor(unharm, device=self.device),
-        )
+        self.picker = Picker(label_token_ids(self.tokenizer), self.stop_ids, self.device)
         log.info(
-            "loaded %s on %s (%s) in %.1fs",
+            "loaded %s on %s (%s) in %.1fs; KV budget %d tokens, prefill chunk %d",
             self.path,
             self.device,
             self.dtype,
             time.perf_counter() - started,
+            self.kv_budget,
+            self.prefill_chunk,
         )
 
     def _stop_ids(self) -> set[int]:
@@ -194,81 +215,159 @@ class Engine:
             stops.add(self.tokenizer.eos_token_id)
         return stops
 
-    @torch.inference_mode()
-    def generate(self, batch: Sequence[GenRequest]) -> list[GenResult]:
-        """Run one `generate` over requests with the same `batch_key`.
+    def check(self, request: GenRequest) -> None:
+        """Refuse a request the model cannot run, before it can break a batch."""
+        if not request.prompt_ids:
+            raise ValueError("empty prompt")
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise IndexError(f"token id {bad[0]} is outside the vocabulary ({self.vocab_size})")
+        if request.reserved_tokens > self.kv_budget:
+            raise ValueError(
+                f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
+                f"({request.max_new_tokens}) exceeds the KV budget of {self.kv_budget} tokens"
+            )
 
-        Without a shared prefix, rows are left-padded. With one, each row is laid out as
-        [prefix | padding | rest of the prompt]: the prefix KV is computed once and copied per
-        row, and position ids follow the attention mask, so every row sees the positions it
-        would have had alone.
-        """
-        if len({r.batch_key for r in batch}) != 1:
-            raise ValueError("a batch must share its generation settings and prefix")
-        first = batch[0]
-        prefix = list(first.prefix) if self.reuse_prefix else []
-        tails = [r.prompt_ids[len(prefix) :] for r in batch]
-        if any(not tail for tail in tails):  # nothing left to prefill: run without reuse
-            prefix, tails = [], [r.prompt_ids for r in batch]
+    # ---- the three steps --------------------------------------------------------------------
+    def begin(self, requests: Sequence[GenRequest]) -> Prefill:
+        """Lay out rows for prefill: [shared prefix | padding | rest of the prompt]."""
+        first = requests[0].prefix if self.reuse_prefix else ()
+        same = all(r.prefix == first and len(r.prompt_ids) > len(first) for r in requests)
+        prefix = first if same else ()
+        tails = [r.prompt_ids[len(prefix) :] for r in requests]
         width = max(len(t) for t in tails)
-        input_ids = torch.full((len(batch), len(prefix) + width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-        attention[:, : len(prefix)] = 1
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        positions = torch.full_like(ids, -1)
         for row, tail in enumerate(tails):
-            input_ids[row, input_ids.shape[1] - len(tail) :] = torch.tensor(tail)
-            attention[row, input_ids.shape[1] - len(tail) :] = 1
-        kwargs: dict[str, Any] = {}
+            ids[row, width - len(tail) :] = torch.tensor(tail)
+            positions[row, width - len(tail) :] = torch.arange(len(prefix), len(prefix) + len(tail))
         if prefix:
-            past = copy.deepcopy(self._prefix_cache(tuple(prefix)))
-            past.batch_repeat_interleave(len(batch))
-            kwargs["cache"] = past
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
-            if first.seed is not None:
-                torch.manual_seed(first.seed)
+            cache = self._prefix_cache(prefix).repeat(len(requests), width)
         else:
-            kwargs["do_sample"] = False
-        if first.force_length:
-            kwargs["min_new_tokens"] = first.max_new_tokens
-        if any(r.on_token for r in batch):
-            kwargs["streamer"] = TokenFanout([r.on_token for r in batch], self.stop_ids)
-        capture = LabelCapture(self.label_ids)
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            max_new_tokens=first.max_new_tokens,
-            eos_token_id=sorted(self.stop_ids),
-            pad_token_id=self.pad_id,
-            logits_processor=[capture],
-            top_k=None,
-            **kwargs,
-        )
-        new = out[:, input_ids.shape[1] :].tolist()
-        steps = torch.stack(capture.steps, dim=1).tolist() if capture.steps else []
-        results = []
-        for row in range(len(batch)):
-            tokens: list[int] = []
-            finish = "length"
-            for token in new[row]:
-                if token in self.stop_ids and not first.force_length:
-                    finish = "stop"
-                    break
-                tokens.append(token)
-            logprobs = [(h, u) for h, u in steps[row][: len(tokens) + 1]] if steps else []
-            results.append(GenResult(tokens, finish, logprobs))
-        return results
+            cache = RowCache(
+                self.kv_shape[0], len(requests), *self.kv_shape[1:], self.dtype, self.device, width
+            )
+        rows = [Row(r, generator_for(r.sampling, self.device)) for r in requests]
+        return Prefill(rows, cache, ids.to(self.device), positions.to(self.device))
 
-    def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
+    @torch.inference_mode()
+    def prefill(self, work: Prefill, tokens: int) -> bool:
+        """Compute about `tokens` more prompt tokens (whole columns, at least one); once the last
+        column is done, every row gets its first token. Returns whether that happened."""
+        columns = min(work.remaining, max(1, tokens // len(work.rows)))
+        span = slice(work.done, work.done + columns)
+        logits = self._forward(work.cache, work.input_ids[:, span], work.positions[:, span])
+        work.done += columns
+        if work.remaining:
+            return False
+        self._advance(work.rows, logits, self._plan(work.rows))
+        return True
+
+    @torch.inference_mode()
+    def decode_step(self, batch: Batch) -> list[Row]:
+        """One token for every running row; rows that ended (or were cancelled) leave."""
+        logits = self._forward(batch.cache, batch.last, batch.positions)
+        chosen = self._advance(batch.rows, logits, batch.plan)
+        batch.last, batch.positions = chosen[:, None], batch.positions + 1
+        return self.drop_finished(batch)
+
+    def join(self, batch: Batch | None, work: Prefill) -> Batch:
+        """Prefilled rows join the running set (those already finished are not carried)."""
+        keep = [i for i, r in enumerate(work.rows) if r.finish is None]
+        if batch is None or not batch.rows:
+            return self._batch([work.rows[i] for i in keep], RowCache.join([(work.cache, keep)]))
+        cache = RowCache.join([(batch.cache, range(len(batch.rows))), (work.cache, keep)])
+        return self._batch(batch.rows + [work.rows[i] for i in keep], cache)
+
+    def drop_finished(self, batch: Batch) -> list[Row]:
+        for row in batch.rows:
+            if (
+                row.finish is None
+                and row.request.cancel is not None
+                and row.request.cancel.is_set()
+            ):
+                row.finish = "cancelled"
+        ended = [r for r in batch.rows if r.finish is not None]
+        if ended:
+            keep = [i for i, r in enumerate(batch.rows) if r.finish is None]
+            rest = self._batch([batch.rows[i] for i in keep], RowCache.join([(batch.cache, keep)]))
+            batch.rows, batch.cache, batch.plan = rest.rows, rest.cache, rest.plan
+            batch.last, batch.positions = rest.last, rest.positions
+        return ended
+
+    def _batch(self, rows: list[Row], cache: RowCache) -> Batch:
+        last = [[r.tokens[-1] if r.tokens else self.pad_id] for r in rows]
+        return Batch(
+            rows,
+            cache,
+            self._plan(rows),
+            torch.tensor(last, device=self.device),
+            torch.tensor([[r.next_position] for r in rows], device=self.device, dtype=torch.long),
+        )
+
+    def _plan(self, rows: list[Row]) -> Plan:
+        return self.picker.plan([r.request.sampling for r in rows], [r.generator for r in rows])
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _forward(self, cache: RowCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cache.reserve(ids.shape[1])
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions.clamp(min=0),  # padding's position is never attended to
+            attention_mask=cache.masks(positions, self.windows, self.dtype),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.advance(positions)
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Append each row's next token; returns them as a device tensor to feed back."""
+        chosen, picked = self.picker.pick(logits, plan)
+        for row, (token, harm, unharm) in zip(rows, picked, strict=True):
+            row.label_logprobs.append((harm, unharm))
+            if token in self.stop_ids and not row.request.force_length:
+                row.finish = "stop"
+                continue
+            row.tokens.append(token)
+            if row.request.on_token is not None:
+                try:
+                    row.request.on_token(token)
+                except Exception as exc:
+                    row.error, row.finish = exc, "error"
+                    continue
+            if len(row.tokens) >= row.request.max_new_tokens:
+                row.finish = "length"
+        return chosen
+
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> RowCache:
         cached = self._prefix_kv.get(prefix)
         if cached is None:
-            ids = torch.tensor([prefix], device=self.device)
-            cached = self.model(input_ids=ids, use_cache=True).past_key_values
+            cached = RowCache(
+                self.kv_shape[0], 1, *self.kv_shape[1:], self.dtype, self.device, len(prefix)
+            )
+            with torch.inference_mode():
+                ids = torch.tensor([prefix], device=self.device)
+                self._forward(cached, ids, torch.arange(len(prefix), device=self.device)[None])
             self._prefix_kv[prefix] = cached
             while len(self._prefix_kv) > self.PREFIX_CACHE_ENTRIES:
                 self._prefix_kv.popitem(last=False)
         self._prefix_kv.move_to_end(prefix)
         return cached
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        """Run a group to the end on its own (warm-up, tests, benchmarks)."""
+        for request in requests:
+            self.check(request)
+        work = self.begin(requests)
+        while not self.prefill(work, self.prefill_chunk):
+            pass
+        batch = self.join(None, work)
+        while batch.rows:
+            self.decode_step(batch)
+        return [row.result() for row in work.rows]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))

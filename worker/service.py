@@ -21,6 +21,7 @@ import redis
 
 from guardfleet import batches, webhooks
 from guardfleet.errors import GuardfleetError
+from guardfleet.keys import QUEUE_BULK
 from guardfleet.schemas import Batch, BatchStatus, Job, JobError, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
@@ -52,7 +53,7 @@ class WorkerService:
         log.info("warm-up generation succeeded in %.0f ms", (time.perf_counter() - started) * 1e3)
         self.runner = Runner(
             self.engine,
-            BatchPolicy(settings.max_batch_size, settings.max_wait_ms, settings.max_batch_tokens),
+            BatchPolicy(settings.max_batch_size, self.engine.kv_budget),
             stall_s=settings.model_stall_s,
             fault=settings.inject_fault,
         )
@@ -105,19 +106,19 @@ class WorkerService:
             self.heartbeat.stop()
         self.runner.stop()
 
-    def run(self, job_id: str, task_id: str, gen: int) -> None:
+    def run(self, job_id: str, task_id: str, gen: int, lane: str | None = None) -> None:
         """Run one job to its end for the message (`task_id`, `gen`); raises a `HandBack`
-        when it must be tried again."""
-        with self.runner.arriving() as submit:
-            job = self._start(job_id, task_id, gen)
-            if job is None:
-                return
-            try:
-                prepared = prepare(job.request, self.engine, self.settings)
-                future = submit(prepared)
-            except Exception as exc:
-                self._fail(job, exc)
-                return
+        when it must be tried again. Bulk-lane jobs yield to interactive ones in the batcher."""
+        job = self._start(job_id, task_id, gen)
+        if job is None:
+            return
+        try:
+            prepared = prepare(job.request, self.engine, self.settings)
+            prepared.priority = 1 if lane == QUEUE_BULK else 0
+            future = self.runner.submit(prepared)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
         try:
             # The watchdog hands back a stuck batch's futures; this bound is the backstop.
             timed = future.result(timeout=self.settings.model_stall_s + 30)

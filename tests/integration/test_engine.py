@@ -84,7 +84,7 @@ def test_verdicts_are_right_and_scores_agree(engine: Engine, settings: Settings)
         (Harm.UNHARMFUL, None),
         (Harm.HARMFUL, None),
     ]
-    runner = Runner(engine, BatchPolicy(max_batch_size=8, max_wait_ms=50))
+    runner = Runner(engine, BatchPolicy(max_batch_size=8))
     try:
         futures = [runner.submit(prepare(r, engine, settings)) for r in REQUESTS]
         verdicts = [
@@ -101,31 +101,23 @@ def test_verdicts_are_right_and_scores_agree(engine: Engine, settings: Settings)
         assert (score > 0.5) == (verdict.prompt_harm is Harm.HARMFUL)  # type: ignore[union-attr]
 
 
-def test_concurrent_requests_form_batches(engine: Engine, settings: Settings) -> None:
-    runner = Runner(engine, BatchPolicy(max_batch_size=8, max_wait_ms=200))
-    request = prepare(REQUESTS[0], engine, settings)
-    try:
-        futures = [runner.submit(request) for _ in range(8)]
-        timed = [f.result(timeout=60) for f in futures]
-    finally:
-        runner.stop()
-    assert {t.batch_size for t in timed} == {8}
-    assert len({tuple(t.result.token_ids) for t in timed}) == 1
-    assert all(t.queue_wait_ms >= 0 and t.inference_ms > 0 for t in timed)
-
-
-def test_one_bad_request_fails_only_itself(engine: Engine, settings: Settings) -> None:
-    runner = Runner(engine, BatchPolicy(max_batch_size=8, max_wait_ms=200))
+def test_a_request_the_model_cannot_run_fails_alone_on_submit(
+    engine: Engine, settings: Settings
+) -> None:
+    runner = Runner(engine, BatchPolicy(max_batch_size=8))
     good = prepare(REQUESTS[0], engine, settings)
     bad = GenRequest(
         [*good.prompt_ids[:-1], 10**9], good.max_new_tokens, prefix_len=good.prefix_len
     )  # a token id no embedding has
+    too_long = GenRequest(good.prompt_ids, engine.kv_budget)
     try:
-        futures = [runner.submit(r) for r in (good, bad, good)]
-        assert futures[0].result(timeout=60).result.token_ids
-        assert futures[2].result(timeout=60).result.token_ids
-        with pytest.raises(IndexError):
-            futures[1].result(timeout=60)
+        first = runner.submit(good)
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            runner.submit(bad)
+        with pytest.raises(ValueError, match="exceeds the KV budget"):
+            runner.submit(too_long)
+        assert first.result(timeout=60).result.token_ids
+        assert runner.submit(good).result(timeout=60).result.token_ids
     finally:
         runner.stop()
 
