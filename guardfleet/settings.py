@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         ge=16,
         description="prompt tokens per forward between decode steps (default: 4096 GPU, 512 CPU)",
     )
+    compile: bool = Field(
+        False,
+        description="replay decode steps as CUDA graphs (GPU; the KV budget becomes an arena)",
+    )
     task_events: bool = Field(
         True, description="send Celery task events (Flower's task view; about 1 ms per job)"
     )

@@ -75,14 +75,16 @@ def tiny_config(vocab: int, window: int) -> Gemma3TextConfig:
     )
 
 
-def synthetic_engine(config: Gemma3TextConfig, device: str, dtype: str, workdir: Path) -> Engine:
+def synthetic_engine(
+    config: Gemma3TextConfig, device: str, dtype: str, workdir: Path, **settings: Any
+) -> Engine:
     torch.manual_seed(0)
     with torch.device(device):  # random init where it will run: minutes faster for 4B on a GPU
         model = Gemma3ForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(workdir)
     del model
     AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(workdir)
-    return Engine(Settings(model=str(workdir), device=device, dtype=dtype))
+    return Engine(Settings(model=str(workdir), device=device, dtype=dtype, **settings))
 
 
 def cpu_config(vocab: int) -> Gemma3TextConfig:
@@ -120,44 +122,32 @@ def gemma3_4b_config() -> Gemma3TextConfig:
 
 
 PLANS: dict[str, dict[str, Any]] = {
-    # requests, user-text lengths, static batch sizes, continuous max rows, backlog tokens
-    "cpu": {
-        "n": 64,
-        "lengths": (20, 400),
-        "static": [4, 16],
-        "max_batch": 64,
-        "think": 6,
-        "backlog": 768,
-        "probes": 20,
-        "steps": [1, 32],
-    },
-    "gpu": {
-        "n": 512,
-        "lengths": (100, 100),
-        "static": [32, 128],
-        "max_batch": 256,
-        "think": 52,
-        "backlog": 768,
-        "probes": 30,
-        "steps": [1, 32, 128],
-    },
-    "smoke": {
-        "n": 12,
-        "lengths": (20, 60),
-        "static": [4],
-        "max_batch": 16,
-        "think": 2,
-        "backlog": 48,
-        "probes": 4,
-        "steps": [1, 4],
-    },
-}
-
+    # n no_think requests of user texts `lengths` tokens; static engine batch sizes; rows in the
+    # continuous engine; think requests in the mixed run; backlog generation length; sync
+    # probes; batch sizes for the step cost; KV budget (GPU: it is the CUDA-graph arena).
+    "cpu": {"n": 64, "lengths": (20, 400), "static": [4, 16], "max_batch": 64, "think": 6,
+            "backlog": 768, "probes": 20, "steps": [1, 32], "kv": None},
+    "gpu": {"n": 512, "lengths": (100, 100), "static": [32, 128], "max_batch": 128,
+            "think": 52, "backlog": 768, "probes": 30, "steps": [1, 32, 128], "kv": 128 * 2048},
+    "smoke": {"n": 12, "lengths": (20, 60), "static": [4], "max_batch": 16, "think": 2,
+              "backlog": 48, "probes": 4, "steps": [1, 4], "kv": 16 * 1024},
+}  # fmt: skip
+STATIC_DEFAULT_BATCH = 32  # the static engine's default max_batch_size
 
 MODEL_TEXT = {
     True: "Gemma-3-4B text architecture, bf16",
     False: "synthetic Gemma 3 (hidden 512, 8 layers, the real layer pattern), fp32",
 }
+
+
+def section(lines: list[str], title: str, body: Callable[[], list[str]]) -> None:
+    """Measure one table; a failure is recorded in its place and the run goes on."""
+    try:
+        part = [title, "", *body(), ""]
+    except Exception as exc:
+        part = [title, "", f"failed: {type(exc).__name__}: {str(exc)[:300]}", ""]
+    print("\n".join(part), flush=True)
+    lines += part
 
 
 def engine_section(args: argparse.Namespace, device: torch.device) -> list[str]:
@@ -166,9 +156,14 @@ def engine_section(args: argparse.Namespace, device: torch.device) -> list[str]:
     dtype = "bfloat16" if real_gpu else "float32"
     vocab = len(AutoTokenizer.from_pretrained(DEMO_MODEL_DIR))
     config = gemma3_4b_config() if real_gpu else cpu_config(vocab)
+    sizing = {"max_batch_size": plan["max_batch"], "kv_budget_tokens": plan["kv"]}
+    graphed: Engine | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        engine = synthetic_engine(config, str(device), dtype, Path(tmp))
+        engine = synthetic_engine(config, str(device), dtype, Path(tmp), **sizing)
         engines = bench_engine.Engines(engine, plan["max_batch"])
+        if args.compile:
+            graphed = Engine(Settings(model=tmp, device=str(device), dtype=dtype, compile=True,
+                                      **sizing))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tiny = synthetic_engine(tiny_config(vocab, 16), str(device), dtype, Path(tmp))
     n, lengths = plan["n"], plan["lengths"]
@@ -176,46 +171,44 @@ def engine_section(args: argparse.Namespace, device: torch.device) -> list[str]:
     think = bench_engine.classify_requests(engine, plan["think"], lengths, 200, 2, Mode.THINK)
     backlog = bench_engine.classify_requests(engine, 32, (100, 100), plan["backlog"], 4)
     probes = bench_engine.classify_requests(engine, plan["probes"], (20, 60), 12, seed=5)
-    engine.generate(no_think[:1])  # the prefix cache and kernels, outside every timing
+    for warm in (engine, graphed):
+        if warm is not None:  # the prefix cache and kernels, outside every timing
+            warm.generate(bench_engine.copies(no_think[:2]))
+    new_text = "continuous, CUDA graphs" if graphed else "continuous"
     lines = [
-        f"Model: {MODEL_TEXT[real_gpu]}, random weights. "
-        f"Static engine: `generate` per batch, loaded from {bench_engine.STATIC_REV}.",
+        f"Model: {MODEL_TEXT[real_gpu]}, random weights. Static engine: `generate` per batch, "
+        f"loaded from {bench_engine.STATIC_REV}; continuous engine: up to {plan['max_batch']} "
+        f"running rows{', decode steps replayed as CUDA graphs' if graphed else ''}.",
         "",
-        "#### Decode step cost",
-        "",
-        *bench_engine.step_costs(engines, no_think, plan["steps"]),
-        "",
+    ]
+    section(lines, "#### Decode step cost", lambda: bench_engine.step_costs(
+        engines, no_think, plan["steps"], graphed))  # fmt: skip
+    if graphed is not None:
+        engines.new = graphed
+    section(
+        lines,
         f"#### no_think throughput: {n} requests (user texts {lengths[0]}-{lengths[1]} tokens, "
         "12 tokens out), all submitted at once",
-        "",
-        *bench_engine.throughput(engines, no_think, plan["static"]),
-        "",
-    ]
-    print("\n".join(lines), flush=True)
-    if real_gpu:
-        single = engines.run("new", [(i * 0.3, r, "x") for i, r in enumerate(no_think[:40])])
-        lines += [
-            f"p50 latency at concurrency 1 (no_think): {percentile(single['x'], 50):.0f} ms",
-            "",
-        ]
-    part = [
+        lambda: bench_engine.throughput(engines, no_think, plan["static"], new_text),
+    )
+    section(lines, "#### Latency at concurrency 1 (no_think, one request at a time)",
+            lambda: bench_engine.alone(engines, probes))  # fmt: skip
+    section(
+        lines,
         f"#### Mixed workload: {n - plan['think']} no_think + {plan['think']} think (200 tokens), "
-        "shuffled, submitted at once",
-        "",
-        *bench_engine.mixed(engines, no_think[plan["think"] :], think),
-        "",
+        f"shuffled, submitted at once (static engine at its default batch, {STATIC_DEFAULT_BATCH})",
+        lambda: bench_engine.mixed(engines, no_think[plan["think"] :], think, STATIC_DEFAULT_BATCH),
+    )
+    section(
+        lines,
         "#### Head-of-line: a sync no_think call every 200 ms while a backlog runs",
-        "",
-        *bench_engine.head_of_line(engines, probes, backlog, 0.2),
-        "",
-        "#### transformers' continuous batching",
-        "",
+        lambda: bench_engine.head_of_line(engines, probes, backlog, 0.2, STATIC_DEFAULT_BATCH),
+    )
+    section(lines, "#### transformers' continuous batching", lambda: [
         *bench_engine.generate_batch_check(engine, no_think[:32]),
         bench_engine.sliding_window_check(tiny, 16),
-        "",
-    ]
-    print("\n".join(part), flush=True)
-    return lines + part
+    ])  # fmt: skip
+    return lines
 
 
 def fleet_section(args: argparse.Namespace) -> list[str]:
@@ -369,6 +362,9 @@ def main() -> None:
     parser.add_argument("--light", type=int, default=50, help="sequential fleet requests")
     parser.add_argument("--burst", type=int, default=1000, help="jobs in the fleet burst")
     parser.add_argument("--skip-fleet", action="store_true")
+    parser.add_argument(
+        "--compile", action="store_true", help="also run the engine with GUARDFLEET_COMPILE"
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",

@@ -250,29 +250,47 @@ class Engines:
                 return drive(static.submit, schedule)
             finally:
                 static.stop()
-        runner = Runner(self.new, BatchPolicy(batch, self.new.kv_budget))
+        runner = Runner(self.new, BatchPolicy(min(batch, self.max_batch), self.new.kv_budget))
         try:
             return drive(runner.submit, schedule)
         finally:
             runner.stop()
 
 
-def step_costs(engines: Engines, prompt: list[GenRequest], sizes: list[int]) -> list[str]:
-    """ms per decode step: the new engine's step vs `generate`'s, from (T(n) - T(1)) / (n - 1)."""
-    new, device = engines.new, engines.new.device
-    lines = ["| batch | generate ms/step | new engine ms/step | ratio |", "|---:|---:|---:|---:|"]
-    facts = {}
+def _step_ms(engine: Engine, requests: list[GenRequest]) -> float:
+    """ms per decode step of `engine` with these rows running."""
+    work = engine.begin(copies(requests))
+    for row in work.rows:
+        row.request.force_length, row.request.max_new_tokens = True, 10**6
+    while not engine.prefill(work, engine.prefill_chunk):
+        pass
+    batch = engine.join(None, work)
+    for _ in range(3):  # a CUDA graph is captured on a bucket's first step
+        engine.decode_step(batch)
+    sync(engine.device)
+    t0 = time.perf_counter()
+    for _ in range(32):
+        engine.decode_step(batch)
+    sync(engine.device)
+    return (time.perf_counter() - t0) / 32 * 1000
+
+
+def step_costs(
+    engines: Engines, prompt: list[GenRequest], sizes: list[int], graphed: Engine | None = None
+) -> list[str]:
+    """ms per decode step: ours vs `generate`'s, which is (T(33 tokens) - T(1)) / 32."""
+    device = engines.new.device
+    head = "| batch | generate ms/step | continuous ms/step | vs generate |"
+    rule = "|---:|---:|---:|---:|"
+    if graphed is not None:
+        head, rule = head + " CUDA graphs ms/step | vs generate |", rule + "---:|---:|"
+    lines = [head, rule]
     for size in sizes:
-        reqs = copies(prompt[:1] * size)
-        for r in reqs:
-            r.max_new_tokens = 33
+        rows = copies(prompt[:1] * size)
         timings = []
         for n in (1, 33):
-            for r in reqs:
-                r.max_new_tokens = n
-            old = [
-                engines.static_mods[0].GenRequest(r.prompt_ids, n, force_length=True) for r in reqs
-            ]
+            old = [engines.static_mods[0].GenRequest(r.prompt_ids, n, force_length=True)
+                   for r in rows]  # fmt: skip
             engines.static.generate(old)
             sync(device)
             t0 = time.perf_counter()
@@ -280,28 +298,17 @@ def step_costs(engines: Engines, prompt: list[GenRequest], sizes: list[int]) -> 
             sync(device)
             timings.append(time.perf_counter() - t0)
         generate_ms = (timings[1] - timings[0]) / 32 * 1000
-        work = new.begin(copies(reqs))
-        for row in work.rows:
-            row.request.force_length, row.request.max_new_tokens = True, 10**6
-        while not new.prefill(work, new.prefill_chunk):
-            pass
-        batch = new.join(None, work)
-        for _ in range(3):
-            new.decode_step(batch)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(32):
-            new.decode_step(batch)
-        sync(device)
-        step_ms = (time.perf_counter() - t0) / 32 * 1000
-        facts[size] = (generate_ms, step_ms)
-        lines.append(
-            f"| {size} | {generate_ms:.1f} | {step_ms:.1f} | {step_ms / generate_ms:.2f}x |"
-        )
+        ours = _step_ms(engines.new, rows)
+        line = f"| {size} | {generate_ms:.1f} | {ours:.1f} | {ours / generate_ms:.2f}x |"
+        if graphed is not None:
+            graph_ms = _step_ms(graphed, rows)
+            line += f" {graph_ms:.1f} | {graph_ms / generate_ms:.2f}x |"
+        lines.append(line)
     return lines
 
 
-def throughput(engines: Engines, requests: list[GenRequest], static_sizes: list[int]) -> list[str]:
+def throughput(engines: Engines, requests: list[GenRequest], static_sizes: list[int],
+               new_text: str = "continuous") -> list[str]:  # fmt: skip
     lines = [
         "| engine | class./s | vs static best | p50 ms | p95 ms |",
         "|---|---:|---:|---:|---:|",
@@ -311,18 +318,28 @@ def throughput(engines: Engines, requests: list[GenRequest], static_sizes: list[
         got = engines.run("static", [(0.0, r, "x") for r in copies(requests)], size)
         rows.append((f"static, batch {size}, prefix reuse", got))
     got = engines.run("new", [(0.0, r, "x") for r in copies(requests)])
-    rows.append((f"continuous, max {engines.max_batch} running", got))
+    rows.append((f"{new_text}, up to {engines.max_batch} running", got))
     best = max(len(requests) / (g["wall"][0] / 1000) for _, g in rows[:-1])
     for name, g in rows:
         rate = len(requests) / (g["wall"][0] / 1000)
-        lines.append(
-            f"| {name} | {rate:.2f} | {rate / best:.2f}x | "
-            f"{percentile(g['x'], 50):.0f} | {percentile(g['x'], 95):.0f} |"
-        )
+        lines.append(f"| {name} | {rate:.2f} | {rate / best:.2f}x | "
+                     f"{percentile(g['x'], 50):.0f} | {percentile(g['x'], 95):.0f} |")  # fmt: skip
     return lines
 
 
-def mixed(engines: Engines, no_think: list[GenRequest], think: list[GenRequest]) -> list[str]:
+def alone(engines: Engines, probes: list[GenRequest]) -> list[str]:
+    """One request at a time: the latency a lone sync call sees from the engine."""
+    lines = ["| engine | p50 ms | p95 ms |", "|---|---:|---:|"]
+    for which in ("static", "new"):
+        got: list[float] = []
+        for request in copies(probes):
+            got += engines.run(which, [(0.0, request, "x")], 1)["x"]
+        lines.append(f"| {which} | {percentile(got, 50):.0f} | {percentile(got, 95):.0f} |")
+    return lines
+
+
+def mixed(engines: Engines, no_think: list[GenRequest], think: list[GenRequest],
+          static_batch: int) -> list[str]:  # fmt: skip
     schedule = [(0.0, r, "no_think") for r in no_think] + [(0.0, r, "think") for r in think]
     random.Random(3).shuffle(schedule)
     lines = [
@@ -331,7 +348,7 @@ def mixed(engines: Engines, no_think: list[GenRequest], think: list[GenRequest])
     ]
     for which in ("static", "new"):
         fresh = [(t, copies([r])[0], tag) for t, r, tag in schedule]
-        g = engines.run(which, fresh)
+        g = engines.run(which, fresh, static_batch if which == "static" else None)
         rate = len(schedule) / (g["wall"][0] / 1000)
         lines.append(
             f"| {which} | {rate:.2f} | {percentile(g['no_think'], 50):.0f} / "
@@ -341,19 +358,21 @@ def mixed(engines: Engines, no_think: list[GenRequest], think: list[GenRequest])
     return lines
 
 
-def head_of_line(
-    engines: Engines, probes: list[GenRequest], backlog: list[GenRequest], every_s: float
-) -> list[str]:
+def head_of_line(engines: Engines, probes: list[GenRequest], backlog: list[GenRequest],
+                 every_s: float, static_batch: int) -> list[str]:  # fmt: skip
     lines = [
         f"| engine | idle p95 ms | busy p95 ms (while {len(backlog)} x "
         f"{backlog[0].max_new_tokens}-token generations run) | busy / idle |",
         "|---|---:|---:|---:|",
     ]
     for which in ("static", "new"):
-        idle = engines.run(which, [(i * every_s, r, "probe") for i, r in enumerate(copies(probes))])
+        batch = static_batch if which == "static" else None
+        idle = engines.run(
+            which, [(i * every_s, r, "probe") for i, r in enumerate(copies(probes))], batch
+        )
         schedule = [(0.0, r, "backlog") for r in copies(backlog)]
         schedule += [(0.5 + i * every_s, r, "probe") for i, r in enumerate(copies(probes))]
-        busy = engines.run(which, schedule)
+        busy = engines.run(which, schedule, batch)
         i95, b95 = percentile(idle["probe"], 95), percentile(busy["probe"], 95)
         lines.append(f"| {which} | {i95:.0f} | {b95:.0f} | {b95 / i95:.1f}x |")
     return lines

@@ -10,9 +10,14 @@ steps it asks `admit()` which waiting requests to prefill and add. Two named kno
 
 Interactive requests (priority 0) go first, oldest first; bulk requests may fill the set only up
 to `max_batch_size - interactive_reserve`, so a backlog of long bulk generations always leaves
-room for a sync call to start at the next step. One admission is one prefill group, which must
-share its prefix (the KV of a shared prefix is copied in, not recomputed); the others wait for
-the next step, which comes a few milliseconds later.
+room for a sync call to start at the next step. One admission shares one prefix (the KV of a
+shared prefix is copied in, not recomputed); the others wait for the next step, which comes a
+few milliseconds later.
+
+`prefill_groups()` then cuts an admission into groups that are prefilled together. Prompts in a
+group are padded to its longest, so groups hold prompts of similar length and at most
+`chunk` padded tokens: a burst of 64 prompts of 20-400 tokens becomes many small groups that
+start decoding one after another, instead of one group that computes twice its real tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class BatchPolicy:
 class Pending(Generic[T]):
     item: T
     reserved: int  # prompt tokens + max_new_tokens: the KV cells the row may grow to
+    prefill: int  # prompt tokens to compute (those after a shared prefix)
     prefix: Hashable  # rows of one prefill group share it
     priority: int  # 0 interactive, 1 bulk
     enqueued_at: float  # seconds, monotonic clock
@@ -69,3 +75,16 @@ def admit(
     taken = {id(p) for p in chosen}
     waiting[:] = [p for p in waiting if id(p) not in taken]
     return chosen
+
+
+def prefill_groups(admitted: list[Pending[T]], chunk: int) -> list[list[Pending[T]]]:
+    """Split an admission into groups of similar prompt length, each at most `chunk` padded
+    tokens (a single longer prompt is a group of its own, prefilled in chunks)."""
+    groups: list[list[Pending[T]]] = []
+    for item in sorted(admitted, key=lambda p: p.prefill):
+        group = groups[-1] if groups else None
+        if group is not None and (len(group) + 1) * item.prefill <= chunk:
+            group.append(item)
+        else:
+            groups.append([item])
+    return groups

@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from guardfleet.prompts import END_OF_TURN
 from guardfleet.settings import DEMO_MODEL, Settings
+from worker.graphs import DecodeGraphs
 from worker.kv import RowCache
 from worker.sampling import Picker, Plan, Sampling, generator_for, label_token_ids
 from worker.tokenization import TextEncoder
@@ -172,6 +173,8 @@ class Engine:
             device_map={"": str(self.device)},  # accelerate places weights as they load
         )
         self.model.eval()
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id: int = self.tokenizer.eos_token_id if pad_id is None else pad_id
         text = self.model.config.get_text_config()
         if not getattr(text, "layer_types", None):
             raise ValueError(f"{self.path}: not a Gemma 3 model (no layer_types in its config)")
@@ -187,12 +190,19 @@ class Engine:
         self.kv_budget = settings.kv_budget_tokens or default_kv_budget(
             self.device, self.kv_bytes_per_token
         )
+        # The longest row one request may grow to; with graphs, the arena's width.
+        self.max_row_tokens = self.kv_budget
+        self.graphs: DecodeGraphs | None = None
+        if settings.compile:
+            rows = settings.max_batch_size
+            self.max_row_tokens = self.kv_budget // rows
+            arena = RowCache(layers, rows, heads, dim, self.dtype, self.device,
+                             self.max_row_tokens, headroom=0)  # fmt: skip
+            capture = self.device.type == "cuda"
+            self.graphs = DecodeGraphs(self.model, arena, self.windows, self.pad_id, capture)
         self.prefill_chunk = settings.prefill_chunk_tokens or (
             4096 if self.device.type == "cuda" else 512
         )
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
         self.stop_ids = self._stop_ids()
         self.picker = Picker(label_token_ids(self.tokenizer), self.stop_ids, self.device)
         log.info(
@@ -222,10 +232,12 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise IndexError(f"token id {bad[0]} is outside the vocabulary ({self.vocab_size})")
-        if request.reserved_tokens > self.kv_budget:
+        if request.reserved_tokens > self.max_row_tokens:
             raise ValueError(
                 f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
-                f"({request.max_new_tokens}) exceeds the KV budget of {self.kv_budget} tokens"
+                f"({request.max_new_tokens}) exceeds the {self.max_row_tokens} tokens one row "
+                f"may hold (KV budget {self.kv_budget}"
+                + (", divided among max_batch_size rows for CUDA graphs)" if self.graphs else ")")
             )
 
     # ---- the three steps --------------------------------------------------------------------
@@ -266,7 +278,11 @@ class Engine:
     @torch.inference_mode()
     def decode_step(self, batch: Batch) -> list[Row]:
         """One token for every running row; rows that ended (or were cancelled) leave."""
-        logits = self._forward(batch.cache, batch.last, batch.positions)
+        if self.graphs is not None:
+            logits = self.graphs.step(batch.last, batch.positions, batch.cache.length)
+            batch.cache.length += 1  # the step wrote this column's positions itself
+        else:
+            logits = self._forward(batch.cache, batch.last, batch.positions)
         chosen = self._advance(batch.rows, logits, batch.plan)
         batch.last, batch.positions = chosen[:, None], batch.positions + 1
         return self.drop_finished(batch)
@@ -275,8 +291,8 @@ class Engine:
         """Prefilled rows join the running set (those already finished are not carried)."""
         keep = [i for i, r in enumerate(work.rows) if r.finish is None]
         if batch is None or not batch.rows:
-            return self._batch([work.rows[i] for i in keep], RowCache.join([(work.cache, keep)]))
-        cache = RowCache.join([(batch.cache, range(len(batch.rows))), (work.cache, keep)])
+            return self._batch([work.rows[i] for i in keep], self._join([(work.cache, keep)]))
+        cache = self._join([(batch.cache, range(len(batch.rows))), (work.cache, keep)])
         return self._batch(batch.rows + [work.rows[i] for i in keep], cache)
 
     def drop_finished(self, batch: Batch) -> list[Row]:
@@ -290,10 +306,14 @@ class Engine:
         ended = [r for r in batch.rows if r.finish is not None]
         if ended:
             keep = [i for i, r in enumerate(batch.rows) if r.finish is None]
-            rest = self._batch([batch.rows[i] for i in keep], RowCache.join([(batch.cache, keep)]))
+            rest = self._batch([batch.rows[i] for i in keep], self._join([(batch.cache, keep)]))
             batch.rows, batch.cache, batch.plan = rest.rows, rest.cache, rest.plan
             batch.last, batch.positions = rest.last, rest.positions
         return ended
+
+    def _join(self, parts: list[tuple[RowCache, Sequence[int]]]) -> RowCache:
+        # With graphs the running set must live in the arena the captured steps read.
+        return RowCache.join(parts, into=self.graphs.arena if self.graphs else None)
 
     def _batch(self, rows: list[Row], cache: RowCache) -> Batch:
         last = [[r.tokens[-1] if r.tokens else self.pad_id] for r in rows]

@@ -31,12 +31,14 @@ class RowCache:
         dtype: torch.dtype,
         device: torch.device,
         columns: int = 0,
+        headroom: int = GROWTH,
     ) -> None:
         self.shape = (kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.rows = rows
         self.length = 0  # columns in use
-        cap = columns + GROWTH
+        self.fixed = False  # a view of an arena (worker/graphs.py): it never re-allocates
+        cap = columns + headroom
         self.keys = [self._empty(rows, cap) for _ in range(layers)]
         self.values = [self._empty(rows, cap) for _ in range(layers)]
         self.pos = torch.full((rows, cap), -1, dtype=torch.long, device=device)
@@ -53,6 +55,16 @@ class RowCache:
     def cells(self) -> int:
         """Token slots held, padding included: what the KV budget counts."""
         return self.rows * self.length
+
+    def view(self, rows: int, length: int) -> RowCache:
+        """The first `rows` rows of this cache (an arena), sharing its memory."""
+        out = object.__new__(RowCache)
+        out.shape, out.dtype, out.device = self.shape, self.dtype, self.device
+        out.rows, out.length, out.fixed = rows, length, True
+        out.keys = [k[:rows] for k in self.keys]
+        out.values = [v[:rows] for v in self.values]
+        out.pos = self.pos[:rows]
+        return out
 
     # transformers' side of the contract ------------------------------------------------------
     def update(
@@ -75,28 +87,17 @@ class RowCache:
     def masks(
         self, query_pos: torch.Tensor, windows: dict[str, int | None], dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        """Additive masks `[rows, 1, queries, keys]` per layer type for the next forward.
-
-        A padding query (position -1) may look at every key: its output is thrown away, and a
-        row with nothing to attend to would turn into NaN.
-        """
-        key_pos = torch.cat([self.pos[:, : self.length], query_pos], dim=1)[:, None, :]
-        q = query_pos[:, :, None]
-        causal = (key_pos >= 0) & (key_pos <= q)
-        out = {}
-        for kind, window in windows.items():
-            allowed = causal if window is None else causal & (q - key_pos < window)
-            allowed = allowed | (q < 0)
-            blocked = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-            blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
-            out[kind] = blocked[:, None]
-        return out
+        """Masks for the next forward, whose queries are at `query_pos` ([rows, queries])."""
+        key_pos = torch.cat([self.pos[:, : self.length], query_pos], dim=1)
+        return position_masks(key_pos, query_pos, windows, dtype)
 
     def reserve(self, columns: int) -> None:
         """Make room for `columns` more before a forward (the layers write in place)."""
         need = self.length + columns
         if need <= self.capacity:
             return
+        if self.fixed:  # admission keeps rows within the arena; getting here is a bug
+            raise RuntimeError(f"KV arena overflow: {need} columns of {self.capacity}")
         cap = need + GROWTH
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
@@ -126,11 +127,15 @@ class RowCache:
         return out
 
     @staticmethod
-    def join(parts: Sequence[tuple[RowCache, Sequence[int]]]) -> RowCache:
+    def join(
+        parts: Sequence[tuple[RowCache, Sequence[int]]], into: RowCache | None = None
+    ) -> RowCache:
         """One cache holding the given rows of each part, right-aligned, left padding trimmed.
 
         Used when rows leave (one part, the rows that stay) and when prefilled rows join the
-        running set (two parts). Copies once; a decode step reads the whole cache anyway.
+        running set (two parts). The result is new, or written into the arena `into` (then the
+        parts may be views of it): one layer at a time, so copying never needs more than one
+        layer's worth of extra memory.
         """
         first = parts[0][0]
         picks = [
@@ -146,16 +151,57 @@ class RowCache:
                 first_used = int(used.any(dim=0).nonzero()[0])
                 width = max(width, cache.length - first_used)
         total = sum(len(index) for _, index in picks)
-        out = RowCache(len(first.keys), total, *first.shape, first.dtype, first.device, width)
-        out.length = width
+        layers = len(first.keys)
+        if into is None:
+            out = RowCache(layers, total, *first.shape, first.dtype, first.device, width)
+        else:
+            out = into.view(total, 0)
+        placed = []  # (part, its rows' index, destination rows, source and target columns)
         row = 0
         for cache, index in picks:
-            n, take = len(index), min(width, cache.length)
-            src = slice(cache.length - take, cache.length)
-            dst = slice(width - take, width)
-            for store, target in ((cache.keys, out.keys), (cache.values, out.values)):
-                for layer, tensor in enumerate(store):
-                    target[layer][row : row + n, :, dst] = tensor[:, :, src].index_select(0, index)
-            out.pos[row : row + n, dst] = cache.pos[:, src].index_select(0, index)
-            row += n
+            take = min(width, cache.length)
+            src, dst = slice(cache.length - take, cache.length), slice(width - take, width)
+            placed.append((cache, index, slice(row, row + len(index)), src, dst))
+            row += len(index)
+        for layer in range(layers):
+            for kind in ("keys", "values"):
+                # An arena may be a part too: gather the layer aside before overwriting it.
+                merged = first._empty(total, width) if into is not None else None
+                target = getattr(out, kind)[layer] if merged is None else merged
+                for cache, index, rows, src, dst in placed:
+                    part = getattr(cache, kind)[layer][:, :, src]
+                    target[rows, :, dst] = part.index_select(0, index)
+                if merged is not None:
+                    getattr(out, kind)[layer][:, :, :width] = merged
+        pos = torch.full((total, width), -1, dtype=torch.long, device=first.device)
+        for cache, index, rows, src, dst in placed:
+            pos[rows, dst] = cache.pos[:, src].index_select(0, index)
+        if into is not None:
+            into.pos.fill_(-1)  # padding rows and columns of every bucket
+        out.pos[:, :width] = pos
+        out.length = width
         return out
+
+
+def position_masks(
+    key_pos: torch.Tensor, query_pos: torch.Tensor, windows: dict[str, int | None],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Additive masks `[rows, 1, queries, keys]` per layer type, from positions alone.
+
+    A key is visible if it holds a token (position >= 0) at or before the query's position, and
+    on sliding-window layers less than `window` positions before it. A padding query
+    (position -1) may look at every key: its output is thrown away, and a row with nothing to
+    attend to would turn into NaN.
+    """
+    keys = key_pos[:, None, :]
+    q = query_pos[:, :, None]
+    causal = (keys >= 0) & (keys <= q)
+    out = {}
+    for kind, window in windows.items():
+        allowed = causal if window is None else causal & (q - keys < window)
+        allowed = allowed | (q < 0)
+        blocked = torch.zeros(allowed.shape, dtype=dtype, device=key_pos.device)
+        blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
+        out[kind] = blocked[:, None]
+    return out

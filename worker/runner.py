@@ -22,7 +22,7 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
-from worker.batching import BatchPolicy, Pending, admit
+from worker.batching import BatchPolicy, Pending, admit, prefill_groups
 from worker.engine import Batch, Engine, GenRequest, GenResult, Prefill, Row
 from worker.errors import ModelUnavailable
 
@@ -69,10 +69,12 @@ class Runner:
     def submit(self, request: GenRequest) -> Future[Timed]:
         self.engine.check(request)  # a request that cannot run fails alone, here
         future: Future[Timed] = Future()
+        prefix = request.prefix if self.engine.reuse_prefix else ()
         item = Pending(
             _Work(request, future),
             request.reserved_tokens,
-            request.prefix if self.engine.reuse_prefix else (),
+            len(request.prompt_ids) - len(prefix),
+            prefix,
             request.priority,
             time.monotonic(),
         )
@@ -139,9 +141,10 @@ class Runner:
                 if group is None:
                     return
                 self._busy_since = time.monotonic()
-                if group and (started := self._begin(group)) is not None:
-                    works.append(started)  # its rows are live: abandon() can hand them back
-                    self._inject_fault()
+                for part in prefill_groups(group, self.engine.prefill_chunk):
+                    if (started := self._begin(part)) is not None:
+                        works.append(started)  # its rows are live: abandon() can hand them back
+                        self._inject_fault()
                 if works:
                     # Alternate shortest-first (a sync call's short prompt is not stuck behind a
                     # burst's prefill) with oldest-first (so nothing starves).

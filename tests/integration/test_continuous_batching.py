@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def synthetic_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path: Path = tmp_path_factory.mktemp("synthetic-gemma3")
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     config = Gemma3TextConfig(
@@ -45,7 +45,23 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return Engine(Settings(model=str(path), device="cpu", prefill_chunk_tokens=16))
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(synthetic_path: Path) -> Engine:
+    return Engine(Settings(model=str(synthetic_path), device="cpu", prefill_chunk_tokens=16))
+
+
+@pytest.fixture(scope="module")
+def arena_engine(synthetic_path: Path) -> Engine:
+    """GUARDFLEET_COMPILE's decode path (arena, buckets, in-place writes), run without capture:
+    on a CPU there is nothing to capture, and everything else is the same code."""
+    settings = Settings(
+        model=str(synthetic_path), device="cpu", prefill_chunk_tokens=16, compile=True,
+        max_batch_size=8, kv_budget_tokens=8 * 400,
+    )  # fmt: skip
+    return Engine(settings)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +122,14 @@ def after_tokens(count: int, action: Callable[[], None]) -> Callable[[int], None
     return on_token
 
 
+@pytest.mark.parametrize("mode", ["eager", "arena"])
 def test_synthetic_rows_joining_mid_flight_match_batch_one(
-    synthetic: Engine, runner_for: Callable[..., Runner]
+    synthetic: Engine, arena_engine: Engine, runner_for: Callable[..., Runner], mode: str
 ) -> None:
-    runner = runner_for(synthetic)
+    if mode == "arena":
+        synthetic = arena_engine
+        assert synthetic.graphs is not None and synthetic.max_row_tokens == 400
+    runner = runner_for(synthetic, max_batch_size=8, kv_budget_tokens=synthetic.kv_budget)
     lengths = [40, 7, 90, 23, 64, 12]  # up to 11 sliding windows; 90 tokens = 6 prefill chunks
     requests = [
         GenRequest(random_prompt(synthetic, n, seed), 10 + 5 * i, force_length=True)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from worker.batching import BatchPolicy, Pending, admit
+from worker.batching import BatchPolicy, Pending, admit, prefill_groups
 
 POLICY = BatchPolicy(max_batch_size=8, kv_budget_tokens=1000)  # interactive reserve: 1 row
 
 
 def waiting(*specs: tuple[int, str, int]) -> list[Pending[int]]:
     """(reserved tokens, prefix, priority) per request, in arrival order."""
-    return [Pending(i, tokens, key, prio, float(i)) for i, (tokens, key, prio) in enumerate(specs)]
+    return [
+        Pending(i, tokens, tokens, key, prio, float(i))
+        for i, (tokens, key, prio) in enumerate(specs)
+    ]
 
 
 def test_an_idle_set_admits_everything_that_fits_at_once() -> None:
@@ -59,3 +62,11 @@ def test_a_request_that_does_not_fit_is_not_overtaken() -> None:
 def test_policy_values_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         BatchPolicy(max_batch_size=0)
+
+
+def test_prefill_groups_hold_similar_lengths_within_the_chunk() -> None:
+    admitted = waiting(*[(n, "a", 0) for n in (300, 20, 40, 25, 900, 35)])
+    groups = [[p.prefill for p in g] for g in prefill_groups(admitted, chunk=128)]
+    # Sorted by length; a group pads to its longest and stays within 128 padded tokens.
+    assert groups == [[20, 25, 35], [40], [300], [900]]
+    assert all(len(g) * max(g) <= 128 or len(g) == 1 for g in groups)
