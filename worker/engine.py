@@ -345,9 +345,12 @@ class Engine:
 
     def _advance(self, rows: list[Row], logits: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Append each row's next token; returns them as a device tensor to feed back."""
-        chosen, picked = self.picker.pick(logits, plan)
-        for row, (token, harm, unharm) in zip(rows, picked, strict=True):
+        chosen, picked, failed = self.picker.pick(logits, plan)
+        for index, (row, (token, harm, unharm)) in enumerate(zip(rows, picked, strict=True)):
             row.label_logprobs.append((harm, unharm))
+            if index in failed:
+                row.error, row.finish = failed[index], "error"
+                continue
             if token in self.stop_ids and not row.request.force_length:
                 row.finish = "stop"
                 continue

@@ -50,7 +50,8 @@ def label_token_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 def generator_for(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     if sampling.greedy or sampling.seed is None:
         return None  # greedy draws nothing; unseeded rows share torch's global generator
-    return torch.Generator(device=device).manual_seed(sampling.seed)
+    # Any integer a client sends is a valid seed: torch takes 64 bits.
+    return torch.Generator(device=device).manual_seed(sampling.seed % (1 << 64))
 
 
 @dataclass(frozen=True)
@@ -84,28 +85,36 @@ class Picker:
 
     def pick(
         self, logits: torch.Tensor, plan: Plan
-    ) -> tuple[torch.Tensor, list[tuple[int, float, float]]]:
-        """Next token per row (on the device, to feed back), and per row on the host: the
-        token and this step's label log-probabilities."""
+    ) -> tuple[torch.Tensor, list[tuple[int, float, float]], dict[int, Exception]]:
+        """Next token per row (on the device, to feed back); per row on the host, the token and
+        this step's label log-probabilities; and the rows whose draw failed (those rows alone
+        must end: the others are unaffected)."""
         logits = logits.float()
         if plan.no_stop is not None:
             logits[plan.no_stop[:, None], self.stop_ids[None, :]] = float("-inf")
         logp = torch.log_softmax(logits, dim=-1)
         labels = torch.stack([torch.logsumexp(logp[:, ids], dim=-1) for ids in self.label_ids], -1)
         chosen = logits.argmax(dim=-1)
+        failed: dict[int, Exception] = {}
         for row in plan.sampled:
-            chosen[row] = _draw(logits[row], plan.settings[row], plan.generators[row])
+            try:
+                chosen[row] = _draw(logits[row], plan.settings[row], plan.generators[row])
+            except RuntimeError as exc:
+                failed[row] = exc
         # Token ids are below 2**24, exact in float32: one transfer carries all three columns.
         host = torch.cat([chosen[:, None].float(), labels], dim=-1).tolist()
-        return chosen, [(int(t), h, u) for t, h, u in host]
+        return chosen, [(int(t), h, u) for t, h, u in host], failed
 
 
 def _draw(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    probs = torch.softmax(logits / s.temperature, dim=-1)
+    # Shifted so the largest logit is 0: a tiny temperature then gives 0 and -inf, never inf/inf.
+    probs = torch.softmax((logits - logits.max()) / s.temperature, dim=-1)
     if s.top_p < 1.0:
         ordered, order = torch.sort(probs, descending=True)
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+        # Keep the smallest set of most likely tokens whose mass reaches top_p, and always the
+        # most likely one (a top_p below float32's resolution would otherwise drop everything).
         drop = torch.cumsum(ordered, dim=-1) - ordered >= s.top_p
+        drop[0] = False
         ordered[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
     return torch.multinomial(probs, 1, generator=generator)[0]

@@ -188,6 +188,20 @@ def test_a_seed_gives_the_same_sample_in_any_company(synthetic: Engine) -> None:
     assert synthetic.generate([greedy])[0].token_ids != alone, "temperature 1.5 stayed greedy"
 
 
+def test_extreme_sampling_settings_still_sample(synthetic: Engine) -> None:
+    # Found by the API fuzz: top_p 5e-324 is 0 in float32 and once dropped every token.
+    prompt = random_prompt(synthetic, 20, 8)
+    greedy = synthetic.generate([GenRequest(prompt, 12)])[0].token_ids
+    settings = [(1.56, 5e-324, -141), (1e-30, 1.0, 2**70), (1e-30, 5e-324, None), (1e6, 0.5, 0)]
+    for temperature, top_p, seed in settings:
+        request = GenRequest(prompt, 12, temperature=temperature, top_p=top_p, seed=seed)
+        tokens = synthetic.generate([request])[0].token_ids
+        if top_p < 1e-300 or temperature < 1e-20:  # only the most likely token can be drawn
+            assert tokens == greedy
+        else:
+            assert len(tokens) == 12
+
+
 def test_a_cancelled_row_leaves_at_the_next_step(
     synthetic: Engine, runner_for: Callable[..., Runner]
 ) -> None:
