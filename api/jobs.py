@@ -118,10 +118,10 @@ async def get_or_404(res: Resources, job_id: str) -> Job:
 
 
 async def cancel(res: Resources, job: Job) -> Job:
-    if job.status.terminal or job.status is JobStatus.RUNNING:
+    if job.status.terminal:
         raise APIError(
             409,
-            f"job {job.id} is {job.status}; only queued jobs can be cancelled",
+            f"job {job.id} is {job.status}; only queued or running jobs can be cancelled",
             code="not_cancellable",
         )
     cancelled = job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})
@@ -129,6 +129,6 @@ async def cancel(res: Resources, job: Job) -> Job:
         await res.store.save(cancelled)
     except TransitionRefused as exc:
         raise APIError(
-            409, f"job {job.id} started before it could be cancelled", code="not_cancellable"
+            409, f"job {job.id} ended before it could be cancelled", code="not_cancellable"
         ) from exc
     return cancelled

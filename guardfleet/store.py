@@ -71,7 +71,7 @@ return 1
 ALLOWED_FROM: dict[JobStatus, tuple[JobStatus, ...]] = {
     JobStatus.SUCCEEDED: (JobStatus.QUEUED, JobStatus.RUNNING),
     JobStatus.FAILED: (JobStatus.QUEUED, JobStatus.RUNNING),
-    JobStatus.CANCELLED: (JobStatus.QUEUED,),
+    JobStatus.CANCELLED: (JobStatus.QUEUED, JobStatus.RUNNING),
 }
 STALE_S = 7200.0
 
@@ -138,6 +138,11 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         return _load(self.client.hget(job_key(job_id), "doc"))
+
+    def status(self, job_id: str) -> str | None:
+        """The status field alone: cheap enough to poll while a job runs."""
+        raw = self.client.hget(job_key(job_id), "status")
+        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
 
     def create(self, job: Job, queue: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:

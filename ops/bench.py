@@ -60,23 +60,6 @@ def free_port() -> int:
         return port
 
 
-def tiny_config(vocab: int, window: int) -> Gemma3TextConfig:
-    """A small Gemma 3 whose sliding window prompts can exceed many times over."""
-    return Gemma3TextConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=window,
-        max_position_embeddings=1024,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-    )
-
-
 def synthetic_engine(
     config: Gemma3TextConfig, device: str, dtype: str, workdir: Path, **settings: Any
 ) -> Engine:
@@ -167,7 +150,9 @@ def engine_section(args: argparse.Namespace, device: torch.device) -> list[str]:
             graphed = Engine(Settings(model=tmp, device=str(device), dtype=dtype, compile=True,
                                       **sizing))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = synthetic_engine(tiny_config(vocab, 16), str(device), dtype, Path(tmp))
+        tiny = synthetic_engine(
+            bench_engine.small_gemma3_config(vocab, 16), str(device), dtype, Path(tmp)
+        )
     n, lengths = plan["n"], plan["lengths"]
     no_think = bench_engine.classify_requests(engine, n, lengths, 12, seed=1)
     think = bench_engine.classify_requests(engine, plan["think"], lengths, 200, 2, Mode.THINK)

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from transformers import Gemma3TextConfig
 
 from guardfleet.schemas import ClassifyRequest, Mode
 from guardfleet.settings import Settings
@@ -69,6 +70,24 @@ FILLER = [
     "river",
     "bank",
 ]
+
+
+def small_gemma3_config(vocab: int, window: int) -> Gemma3TextConfig:
+    """A small Gemma 3 with the real layer pattern (five sliding-window layers to one global)
+    and a short window that prompts exceed many times over."""
+    return Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=window,
+        max_position_embeddings=8192,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    )
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -145,6 +145,12 @@ class Batch:
     positions: torch.Tensor  # [rows, 1]: its position
 
 
+def _note_cancels(rows: list[Row]) -> None:
+    for row in rows:
+        if row.finish is None and row.request.cancel is not None and row.request.cancel.is_set():
+            row.finish = "cancelled"
+
+
 def default_kv_budget(device: torch.device, bytes_per_token: int) -> int:
     """KV cells to allow when none is configured: most of what is free on a GPU after the
     weights, 4 GiB on a CPU (which shares its memory with everything else)."""
@@ -289,6 +295,7 @@ class Engine:
 
     def join(self, batch: Batch | None, work: Prefill) -> Batch:
         """Prefilled rows join the running set (those already finished are not carried)."""
+        _note_cancels(work.rows)
         keep = [i for i, r in enumerate(work.rows) if r.finish is None]
         if batch is None or not batch.rows:
             return self._batch([work.rows[i] for i in keep], self._join([(work.cache, keep)]))
@@ -296,13 +303,7 @@ class Engine:
         return self._batch(batch.rows + [work.rows[i] for i in keep], cache)
 
     def drop_finished(self, batch: Batch) -> list[Row]:
-        for row in batch.rows:
-            if (
-                row.finish is None
-                and row.request.cancel is not None
-                and row.request.cancel.is_set()
-            ):
-                row.finish = "cancelled"
+        _note_cancels(batch.rows)
         ended = [r for r in batch.rows if r.finish is not None]
         if ended:
             keep = [i for i, r in enumerate(batch.rows) if r.finish is None]

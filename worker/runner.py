@@ -186,13 +186,6 @@ class Runner:
             return None
 
     def _join(self, batch: Batch | None, work: Prefill) -> Batch:
-        for row in work.rows:
-            if (
-                row.finish is None
-                and row.request.cancel is not None
-                and row.request.cancel.is_set()
-            ):
-                row.finish = "cancelled"
         joined = self.engine.join(batch, work)
         for row in joined.rows:
             if row in work.rows:

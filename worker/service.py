@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
@@ -31,10 +32,11 @@ from worker.errors import HandBack, ModelUnavailable, StoreUnavailable
 from worker.heartbeat import Heartbeat
 from worker.prompting import interpret, prepare
 from worker.reconcile import Reconciler
-from worker.runner import Runner
+from worker.runner import Runner, Timed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CANCEL_POLL_S = 0.5  # how often a running job's status is read, to notice a cancel
 
 
 class WorkerService:
@@ -112,20 +114,29 @@ class WorkerService:
         job = self._start(job_id, task_id, gen)
         if job is None:
             return
+        cancel = threading.Event()
         try:
             prepared = prepare(job.request, self.engine, self.settings)
             prepared.priority = 1 if lane == QUEUE_BULK else 0
+            prepared.cancel = cancel
             future = self.runner.submit(prepared)
         except Exception as exc:
             self._fail(job, exc)
             return
         try:
-            # The watchdog hands back a stuck batch's futures; this bound is the backstop.
-            timed = future.result(timeout=self.settings.model_stall_s + 30)
-        except FutureTimeout:
-            raise ModelUnavailable("no result from the model thread in time") from None
+            timed = self._wait(job.id, future, cancel)
         except Exception as exc:
             self._fail(job, exc)
+            return
+        if timed.result.finish_reason == "cancelled":
+            log.info(
+                "job %s was cancelled while running; its generation stopped after %d tokens",
+                job.id,
+                len(timed.result.token_ids),
+            )
+            current = self._redis("reading the job", lambda: self.store.get(job.id))
+            if current is not None and current.status.terminal:  # batch bookkeeping, once
+                self._redis("announcing the result", lambda: self._announce_end(current))
             return
         try:
             result = interpret(job.request, timed, self.engine, self.settings)
@@ -133,6 +144,25 @@ class WorkerService:
         except Exception as exc:
             done = self._failed(job, exc)
         self._finish(done)
+
+    def _wait(self, job_id: str, future: Future[Timed], cancel: threading.Event) -> Timed:
+        """The generation's result. Meanwhile, a job cancelled through the API has its row
+        dropped at the next step, and a broken model thread hands the job back."""
+        while True:
+            try:
+                return future.result(timeout=CANCEL_POLL_S)
+            except FutureTimeout:
+                pass
+            if (reason := self.runner.problem()) is not None:
+                raise ModelUnavailable(reason)
+            if not cancel.is_set() and self._cancelled(job_id):
+                cancel.set()
+
+    def _cancelled(self, job_id: str) -> bool:
+        try:
+            return self.store.status(job_id) == JobStatus.CANCELLED.value
+        except redis.RedisError:
+            return False  # a blip only delays noticing; the job's own writes retry as usual
 
     def _redis(self, what: str, call: Callable[[], T]) -> T:
         """`call()`, retried through Redis errors for up to `redis_outage_s`."""

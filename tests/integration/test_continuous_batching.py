@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from guardfleet.schemas import ClassifyRequest, Mode
 from guardfleet.settings import Settings
+from tests.synthetic import random_gemma3
 from worker.batching import BatchPolicy
-from worker.engine import DEMO_MODEL_DIR, Engine, GenRequest
+from worker.engine import Engine, GenRequest
 from worker.prompting import prepare
 from worker.runner import Runner, Timed
 
@@ -27,25 +27,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def synthetic_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path: Path = tmp_path_factory.mktemp("synthetic-gemma3")
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=8,
-        layer_types=["sliding_attention"] * 5 + ["full_attention"],
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return random_gemma3(tmp_path_factory.mktemp("synthetic-gemma3"), window=8)
 
 
 @pytest.fixture(scope="module")
