@@ -20,10 +20,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -332,17 +334,28 @@ class Engine:
     # ---- helpers ----------------------------------------------------------------------------
     def _forward(self, cache: RowCache, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cache.reserve(ids.shape[1])
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions.clamp(min=0),  # padding's position is never attended to
-            attention_mask=cache.masks(positions, self.windows, self.dtype),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self._eager_attention():
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions.clamp(min=0),  # padding's position is never attended to
+                attention_mask=cache.masks(positions, self.windows, self.dtype),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         cache.advance(positions)
         logits: torch.Tensor = out.logits[:, -1]
         return logits
+
+    def _eager_attention(self) -> AbstractContextManager[object]:
+        """Keep cuDNN's attention out of forwards that are not captured as graphs. It plans per
+        shape, and ours change every step: on an H200 it cost about 90 ms of host time per
+        decode step (130 ms with it, 39 ms without, against `generate`'s 40-50 ms)."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return sdpa_kernel(
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        )
 
     def _advance(self, rows: list[Row], logits: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Append each row's next token; returns them as a device tensor to feed back."""
