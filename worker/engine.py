@@ -5,6 +5,7 @@ join and leave a running set between decode steps (continuous batching):
 
     begin(requests)  -> Prefill   rows laid out for their first forward; shared prefix copied in
     prefill(p, n)    -> bool      at most ~n more prompt tokens; True once every row has a token
+    join(b, p)       -> Batch     prefilled rows join the running set
     decode_step(b)   -> [Row]     one token for every running row; returns the rows that ended
 
 The runner (worker/runner.py) decides who joins and when; `generate()` runs a group to the end,

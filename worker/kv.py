@@ -51,11 +51,6 @@ class RowCache:
     def capacity(self) -> int:
         return int(self.pos.shape[1])
 
-    @property
-    def cells(self) -> int:
-        """Token slots held, padding included: what the KV budget counts."""
-        return self.rows * self.length
-
     def view(self, rows: int, length: int) -> RowCache:
         """The first `rows` rows of this cache (an arena), sharing its memory."""
         out = object.__new__(RowCache)

@@ -187,8 +187,8 @@ class Runner:
 
     def _join(self, batch: Batch | None, work: Prefill) -> Batch:
         joined = self.engine.join(batch, work)
-        for row in joined.rows:
-            if row in work.rows:
+        for row in work.rows:
+            if row.finish is None:  # it joined
                 self._live[row].item.batch_size = len(joined.rows)
         self._finish([r for r in work.rows if r.finish is not None], len(joined.rows))
         return joined
