@@ -210,7 +210,7 @@ class Engine:
             capture = self.device.type == "cuda"
             self.graphs = DecodeGraphs(self.model, arena, self.windows, self.pad_id, capture)
         self.prefill_chunk = settings.prefill_chunk_tokens or (
-            4096 if self.device.type == "cuda" else 512
+            4096 if self.device.type == "cuda" else 1024
         )
         self.stop_ids = self._stop_ids()
         self.picker = Picker(label_token_ids(self.tokenizer), self.stop_ids, self.device)
