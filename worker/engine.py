@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from guardfleet.prompts import END_OF_TURN
 from guardfleet.settings import DEMO_MODEL, Settings
 from worker.graphs import DecodeGraphs
-from worker.kv import RowCache
+from worker.kv import GROWTH, RowCache
 from worker.sampling import Picker, Plan, Sampling, generator_for, label_token_ids
 from worker.tokenization import TextEncoder
 
@@ -205,8 +205,7 @@ class Engine:
         if settings.compile:
             rows = settings.max_batch_size
             self.max_row_tokens = self.kv_budget // rows
-            arena = RowCache(layers, rows, heads, dim, self.dtype, self.device,
-                             self.max_row_tokens, headroom=0)  # fmt: skip
+            arena = self._new_cache(rows, self.max_row_tokens, headroom=0)
             capture = self.device.type == "cuda"
             self.graphs = DecodeGraphs(self.model, arena, self.windows, self.pad_id, capture)
         self.prefill_chunk = settings.prefill_chunk_tokens or (
@@ -265,9 +264,7 @@ class Engine:
         if prefix:
             cache = self._prefix_cache(prefix).repeat(len(requests), width)
         else:
-            cache = RowCache(
-                self.kv_shape[0], len(requests), *self.kv_shape[1:], self.dtype, self.device, width
-            )
+            cache = self._new_cache(len(requests), width)
         rows = [Row(r, generator_for(r.sampling, self.device)) for r in requests]
         return Prefill(rows, cache, ids.to(self.device), positions.to(self.device))
 
@@ -380,12 +377,14 @@ class Engine:
                 row.finish = "length"
         return chosen
 
+    def _new_cache(self, rows: int, columns: int, headroom: int = GROWTH) -> RowCache:
+        layers, heads, dim = self.kv_shape
+        return RowCache(layers, rows, heads, dim, self.dtype, self.device, columns, headroom)
+
     def _prefix_cache(self, prefix: tuple[int, ...]) -> RowCache:
         cached = self._prefix_kv.get(prefix)
         if cached is None:
-            cached = RowCache(
-                self.kv_shape[0], 1, *self.kv_shape[1:], self.dtype, self.device, len(prefix)
-            )
+            cached = self._new_cache(1, len(prefix))
             with torch.inference_mode():
                 ids = torch.tensor([prefix], device=self.device)
                 self._forward(cached, ids, torch.arange(len(prefix), device=self.device)[None])

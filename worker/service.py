@@ -134,9 +134,7 @@ class WorkerService:
                 job.id,
                 len(timed.result.token_ids),
             )
-            current = self._redis("reading the job", lambda: self.store.get(job.id))
-            if current is not None and current.status.terminal:  # batch bookkeeping, once
-                self._redis("announcing the result", lambda: self._announce_end(current))
+            self._announce_stored(job.id)  # the cancel's batch bookkeeping, once
             return
         try:
             result = interpret(job.request, timed, self.engine, self.settings)
@@ -232,15 +230,20 @@ class WorkerService:
             # Finished already (by this very write, retried, or by another attempt), or a later
             # attempt owns the job. Announcing a finished job again is harmless; doing it here
             # covers a write that landed while its reply was lost.
-            current = self._redis("reading the job", lambda: self.store.get(done.id))
-            if current is None or not current.status.terminal:
+            if not self._announce_stored(done.id):
                 log.info("result of job %s not written: %s", done.id, exc)
-                return
-            done = current
-        else:
-            with self._done_lock:
-                self._done += 1
+            return
+        with self._done_lock:
+            self._done += 1
         self._redis("announcing the result", lambda: self._announce_end(done))
+
+    def _announce_stored(self, job_id: str) -> bool:
+        """Announce the job as the store has it, if it has ended; False if it has not."""
+        current = self._redis("reading the job", lambda: self.store.get(job_id))
+        if current is None or not current.status.terminal:
+            return False
+        self._redis("announcing the result", lambda: self._announce_end(current))
+        return True
 
     def _announce_end(self, job: Job) -> None:
         """Webhook and batch bookkeeping for a finished job. Every step is idempotent and
