@@ -88,6 +88,20 @@ class APIError(Exception):
         self.headers = headers
 
 
+def error_body(
+    status_code: int, message: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """The envelope; also sent as the last event of a stream that fails after it started."""
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPE_BY_STATUS.get(status_code, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
 def error_response(
     status_code: int,
     message: str,
@@ -97,14 +111,7 @@ def error_response(
     extra: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
-        "error": {
-            "message": message,
-            "type": _TYPE_BY_STATUS.get(status_code, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+    body = error_body(status_code, message, code, param)
     body.update(extra or {})
     return JSONResponse(body, status_code=status_code, headers=headers)
 

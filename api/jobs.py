@@ -67,9 +67,10 @@ async def with_webhook(res: Resources, item: T) -> T:
     return item
 
 
-async def submit(res: Resources, job: Job, interactive: bool) -> Job:
+async def submit(res: Resources, job: Job, interactive: bool, watch: bool = False) -> Job:
+    """Store and queue `job`; a `watch`ed one streams its events from its first token."""
     queue = queue_for(interactive)
-    await res.store.create(job, queue)
+    await res.store.create(job, queue, watch)
     try:
         await run_in_threadpool(res.celery.send_task, TASK_RUN_JOB, args=[job.id], queue=queue)
     except Exception as exc:
@@ -105,15 +106,19 @@ async def wait_for(res: Resources, job_id: str, timeout_s: float) -> Job | None:
         return job
 
 
+def not_found(job_id: str) -> APIError:
+    return APIError(
+        404,
+        f"no job {job_id!r} (unknown, or expired after its TTL)",
+        code="job_not_found",
+        param="id",
+    )
+
+
 async def get_or_404(res: Resources, job_id: str) -> Job:
     job = await res.store.get(job_id)
     if job is None:
-        raise APIError(
-            404,
-            f"no job {job_id!r} (unknown, or expired after its TTL)",
-            code="job_not_found",
-            param="id",
-        )
+        raise not_found(job_id)
     return job
 
 

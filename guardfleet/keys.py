@@ -36,6 +36,12 @@ def job_channel(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def job_stream(job_id: str) -> str:
+    """Redis Stream of a watched job's live events: status changes and text deltas (see
+    `guardfleet.streams`). Only jobs someone streams have one; it is capped and expires."""
+    return f"{PREFIX}:job:{job_id}:stream"
+
+
 def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEMO_MODEL = "demo"
 NIM_MODEL_ID = "nvidia/nemotron-content-safety-reasoning-4b-experimental"
+# The id of NVIDIA's hosted API: a client moved here by changing only its base_url sends it.
+HOSTED_MODEL_ID = "nvidia/nemotron-content-safety-reasoning-4b"
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -163,6 +165,12 @@ class Settings(BaseSettings):
         if self.default_chat_tokens > self.max_chat_tokens:
             raise ValueError("default_chat_tokens must not exceed max_chat_tokens")
         return self
+
+    @property
+    def model_ids(self) -> list[str]:
+        """The ids /v1/models lists and chat completions accept: the served name, then the
+        hosted API's id as an alias."""
+        return list(dict.fromkeys([self.served_model_name, HOSTED_MODEL_ID]))
 
     @property
     def redis_host_is_local(self) -> bool:

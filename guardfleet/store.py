@@ -17,6 +17,9 @@ reconciler declared the run stale). Any other message is a duplicate and is drop
 attempt that started last owns the job: the result of an older attempt is refused. Ending a job
 (and cancelling one) writes only from a status the change may start from, once.
 
+A job someone streams also has `watch` set; then every status change is added to its stream
+(`guardfleet.streams`) by the same script.
+
 Open jobs are also in the `OPEN_JOBS` index with a staleness deadline; see
 `worker.reconcile`. `JobStore` is for the worker (blocking client), `AsyncJobStore` for the API.
 """
@@ -31,12 +34,28 @@ import redis
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
-from guardfleet.keys import OPEN_JOBS, job_channel, job_key
+from guardfleet import streams
+from guardfleet.keys import OPEN_JOBS, job_channel, job_key, job_stream
 from guardfleet.schemas import Job, JobStatus
 
-# KEYS: job, channel, open index. ARGV: doc, attempt expected before, task id, message gen,
-# ttl, stale deadline, job id.
-_START = """
+# Shared by the scripts below: a watched job's status changes also go to its stream.
+_NOTE_STATUS = """
+local function note_status(job, stream, status, attempt, maxlen, ttl)
+  if redis.call('HEXISTS', job, 'watch') == 1 then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'kind', 'status', 'status', status,
+               'attempt', attempt)
+    redis.call('EXPIRE', stream, ttl)
+    return 2
+  end
+  return 1
+end
+"""
+
+# KEYS: job, channel, open index, stream. ARGV: doc, attempt expected before, task id, message
+# gen, ttl, stale deadline, job id, stream maxlen, stream ttl. Returns 2 when the job is watched.
+_START = (
+    _NOTE_STATUS
+    + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg')
 if not h[1] then return -1 end
 if h[1] ~= 'queued' then
@@ -50,12 +69,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', KEYS[2], 'running')
-return 1
+return note_status(KEYS[1], KEYS[4], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
 """
+)
 
-# KEYS: job, channel, open index. ARGV: doc, new (final) status, allowed-from statuses, ttl,
-# required current attempt ('' = any), job id.
-_END = """
+# KEYS: job, channel, open index, stream. ARGV: doc, new (final) status, allowed-from statuses,
+# ttl, required current attempt ('' = any), job id, stream maxlen, stream ttl.
+_END = (
+    _NOTE_STATUS
+    + """
 local h = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if not h[1] then return -1 end
 if not string.find(',' .. ARGV[3] .. ',', ',' .. h[1] .. ',', 1, true) then return 0 end
@@ -64,8 +86,10 @@ redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[6])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
+note_status(KEYS[1], KEYS[4], ARGV[2], h[2], ARGV[7], ARGV[8])
 return 1
 """
+)
 
 # From which statuses each final status may be reached.
 ALLOWED_FROM: dict[JobStatus, tuple[JobStatus, ...]] = {
@@ -88,13 +112,15 @@ class TransitionRefused(Exception):
 
 def _end_args(job: Job, ttl_s: int, required_attempt: int | None) -> tuple[list[str], list[Any]]:
     allowed = ",".join(s.value for s in ALLOWED_FROM[job.status])
-    return [job_key(job.id), job_channel(job.id), OPEN_JOBS], [
+    return [job_key(job.id), job_channel(job.id), OPEN_JOBS, job_stream(job.id)], [
         job.model_dump_json(),
         job.status.value,
         allowed,
         ttl_s,
         "" if required_attempt is None else required_attempt,
         job.id,
+        streams.MAX_ENTRIES,
+        streams.TTL_S,
     ]
 
 
@@ -107,20 +133,26 @@ def _load(raw: bytes | str | None) -> Job | None:
     return None if raw is None else Job.model_validate_json(raw)
 
 
-def record_fields(job: Job, queue: str) -> dict[FieldT, EncodableT]:
+def record_fields(job: Job, queue: str, watch: bool = False) -> dict[FieldT, EncodableT]:
     """The hash a new job is created with (also used by the batch store's pipelines)."""
-    return {
+    fields: dict[FieldT, EncodableT] = {
         "doc": job.model_dump_json(),
         "status": job.status.value,
         "attempt": job.attempts,
         "queue": queue,
         "gen": 1,
     }
+    if watch:
+        fields["watch"] = 1
+    return fields
 
 
-def add_create(pipe: Any, job: Job, queue: str, ttl_s: int, stale_s: float) -> None:
-    """Queue the commands that create `job` on a (sync or async) pipeline."""
-    pipe.hset(job_key(job.id), mapping=record_fields(job, queue))
+def add_create(
+    pipe: Any, job: Job, queue: str, ttl_s: int, stale_s: float, watch: bool = False
+) -> None:
+    """Queue the commands that create `job` on a (sync or async) pipeline; a `watch`ed job
+    streams its events from the start (`guardfleet.streams`)."""
+    pipe.hset(job_key(job.id), mapping=record_fields(job, queue, watch))
     pipe.expire(job_key(job.id), ttl_s)
     pipe.zadd(OPEN_JOBS, {job.id: time.time() + stale_s})
     # Renewed with every record written, the index outlives each job in it (and goes once they
@@ -139,21 +171,23 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return _load(self.client.hget(job_key(job_id), "doc"))
 
-    def status(self, job_id: str) -> str | None:
-        """The status field alone: cheap enough to poll while a job runs."""
-        raw = self.client.hget(job_key(job_id), "status")
-        return None if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+    def poll(self, job_id: str) -> tuple[str | None, bool]:
+        """The status, and whether anyone streams the job: cheap enough to read while it runs."""
+        status, watch = self.client.hmget(job_key(job_id), ["status", "watch"])
+        if status is None:
+            return None, False
+        return (status.decode() if isinstance(status, bytes) else str(status)), watch is not None
 
     def create(self, job: Job, queue: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:
             add_create(pipe, job, queue, self.ttl_s, self.stale_s)
             pipe.execute()
 
-    def start(self, job: Job, task_id: str, gen: int) -> None:
+    def start(self, job: Job, task_id: str, gen: int) -> bool:
         """Move a job read with `job.attempts - 1` attempts to `running` as attempt
         `job.attempts`, for the message (`task_id`, `gen`); refused for a duplicate message
-        or if another attempt started in between."""
-        keys = [job_key(job.id), job_channel(job.id), OPEN_JOBS]
+        or if another attempt started in between. True when someone streams the job."""
+        keys = [job_key(job.id), job_channel(job.id), OPEN_JOBS, job_stream(job.id)]
         args: list[EncodableT] = [
             job.model_dump_json(),
             job.attempts - 1,
@@ -162,8 +196,12 @@ class JobStore:
             self.ttl_s,
             time.time() + self.stale_s,
             job.id,
+            streams.MAX_ENTRIES,
+            streams.TTL_S,
         ]
-        _check(int(self._start(keys=keys, args=args)), job)
+        code = int(self._start(keys=keys, args=args))
+        _check(min(code, 1), job)
+        return code == 2
 
     def save(self, job: Job) -> None:
         """End `job` (succeeded or failed) as the attempt it carries; raises TransitionRefused
@@ -191,9 +229,9 @@ class AsyncJobStore:
                 pipe.hget(job_key(job_id), "doc")
             return [_load(raw) for raw in await pipe.execute()]
 
-    async def create(self, job: Job, queue: str) -> None:
+    async def create(self, job: Job, queue: str, watch: bool = False) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
-            add_create(pipe, job, queue, self.ttl_s, self.stale_s)
+            add_create(pipe, job, queue, self.ttl_s, self.stale_s, watch)
             await pipe.execute()
 
     async def save(self, job: Job) -> None:

@@ -33,6 +33,7 @@ from worker.heartbeat import Heartbeat
 from worker.prompting import interpret, prepare
 from worker.reconcile import Reconciler
 from worker.runner import Runner, Timed
+from worker.streaming import Publisher, Tap
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +68,7 @@ class WorkerService:
         self.store = JobStore(self.redis, settings.result_ttl_s, settings.job_stale_s)
         self.reconciler = Reconciler(self.redis, send_task, settings.job_stale_s)
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
+        self.publisher = Publisher(self.redis, self.engine.decode)
         self.heartbeat: Heartbeat | None = None
         self.name = "unnamed"
         self._done = 0
@@ -107,27 +109,34 @@ class WorkerService:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.runner.stop()
+        self.publisher.stop()
 
     def run(self, job_id: str, task_id: str, gen: int, lane: str | None = None) -> None:
         """Run one job to its end for the message (`task_id`, `gen`); raises a `HandBack`
         when it must be tried again. Bulk-lane jobs yield to interactive ones in the batcher."""
-        job = self._start(job_id, task_id, gen)
-        if job is None:
+        started = self._start(job_id, task_id, gen)
+        if started is None:
             return
+        job, watched = started
         cancel = threading.Event()
+        tap = self.publisher.open(job.id, job.attempts, watched)
         try:
-            prepared = prepare(job.request, self.engine, self.settings)
-            prepared.priority = 1 if lane == QUEUE_BULK else 0
-            prepared.cancel = cancel
-            future = self.runner.submit(prepared)
-        except Exception as exc:
-            self._fail(job, exc)
-            return
-        try:
-            timed = self._wait(job.id, future, cancel)
-        except Exception as exc:
-            self._fail(job, exc)
-            return
+            try:
+                prepared = prepare(job.request, self.engine, self.settings)
+                prepared.priority = 1 if lane == QUEUE_BULK else 0
+                prepared.cancel = cancel
+                prepared.on_token = tap.on_token
+                future = self.runner.submit(prepared)
+            except Exception as exc:
+                self._fail(job, exc)
+                return
+            try:
+                timed = self._wait(job.id, future, cancel, tap)
+            except Exception as exc:
+                self._fail(job, exc)
+                return
+        finally:
+            self.publisher.close(tap)  # the last deltas go before the job's final status
         if timed.result.finish_reason == "cancelled":
             log.info(
                 "job %s was cancelled while running; its generation stopped after %d tokens",
@@ -143,9 +152,10 @@ class WorkerService:
             done = self._failed(job, exc)
         self._finish(done)
 
-    def _wait(self, job_id: str, future: Future[Timed], cancel: threading.Event) -> Timed:
+    def _wait(self, job_id: str, future: Future[Timed], cancel: threading.Event, tap: Tap) -> Timed:
         """The generation's result. Meanwhile, a job cancelled through the API has its row
-        dropped at the next step, and a broken model thread hands the job back."""
+        dropped at the next step, one that someone starts streaming gets its text published,
+        and a broken model thread hands the job back."""
         while True:
             try:
                 return future.result(timeout=CANCEL_POLL_S)
@@ -153,14 +163,14 @@ class WorkerService:
                 pass
             if (reason := self.runner.problem()) is not None:
                 raise ModelUnavailable(reason)
-            if not cancel.is_set() and self._cancelled(job_id):
+            try:
+                status, watched = self.store.poll(job_id)
+            except redis.RedisError:
+                continue  # a blip only delays noticing; the job's own writes retry as usual
+            if status == JobStatus.CANCELLED.value and not cancel.is_set():
                 cancel.set()
-
-    def _cancelled(self, job_id: str) -> bool:
-        try:
-            return self.store.status(job_id) == JobStatus.CANCELLED.value
-        except redis.RedisError:
-            return False  # a blip only delays noticing; the job's own writes retry as usual
+            if watched and not tap.watched:
+                self.publisher.watch(tap)
 
     def _redis(self, what: str, call: Callable[[], T]) -> T:
         """`call()`, retried through Redis errors for up to `redis_outage_s`."""
@@ -176,9 +186,9 @@ class WorkerService:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def _start(self, job_id: str, task_id: str, gen: int) -> Job | None:
-        """Mark the job running as a new attempt, or return None if there is nothing (left)
-        to do here."""
+    def _start(self, job_id: str, task_id: str, gen: int) -> tuple[Job, bool] | None:
+        """Mark the job running as a new attempt (and say whether anyone streams it), or
+        return None if there is nothing (left) to do here."""
         job = self._redis("reading the job", lambda: self.store.get(job_id))
         if job is None:
             log.warning("job %s expired or never existed; nothing to do", job_id)
@@ -197,14 +207,17 @@ class WorkerService:
             }
         )
         try:
-            self._redis("starting the job", lambda: self.store.start(running, task_id, gen))
+            watched = self._redis(
+                "starting the job", lambda: self.store.start(running, task_id, gen)
+            )
         except TransitionRefused as exc:
             # A retried write whose first try landed is refused by its own effect: check.
             current = self._redis("reading the job", lambda: self.store.get(job_id))
             if current is None or current.model_dump() != running.model_dump():
                 log.info("not running job %s: %s", job_id, exc)
                 return None
-        return running
+            watched = True  # not known; publishing for nobody costs a few writes
+        return running, watched
 
     def _fail(self, job: Job, exc: Exception) -> None:
         """End the job as failed, unless the fault is not its own: then hand it back."""

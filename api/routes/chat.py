@@ -11,10 +11,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from sse_starlette import EventSourceResponse
 
 from api import jobs
+from api.chat_stream import ChatStream
 from api.deps import Resources, ResourcesDep
 from api.errors import APIError, responses
+from api.live import event_stream, sse_responses
 from api.readiness import require_ready_worker
 from guardfleet.schemas import HAS_TEXT, ChatInput, ChatMessage, Completion, JobStatus
 
@@ -64,6 +67,11 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: Annotated[bool, Field(strict=True)] = False
+
+
 class ChatCompletionRequest(BaseModel):
     # OpenAI clients send many optional fields; those that change nothing here are ignored.
     model_config = ConfigDict(extra="ignore")
@@ -84,9 +92,10 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1), JSON_NUMBER] | None = None
     temperature: Annotated[float, Field(ge=0, le=2), JSON_NUMBER] | None = None
     top_p: Annotated[float, Field(gt=0, le=1), JSON_NUMBER] | None = None
-    # Only these values are served; others are refused with a 400 that says so.
+    # Only this value is served; others are refused with a 400 that says so.
     n: Annotated[int, Field(ge=1, json_schema_extra={"const": 1}), JSON_NUMBER] = 1
-    stream: Annotated[bool, Field(strict=True, json_schema_extra={"const": False})] = False
+    stream: Annotated[bool, Field(strict=True)] = False
+    stream_options: StreamOptions | None = None
     # Within torch's seed range (outside it the job would fail on the worker) and exact in
     # JSON parsers that read numbers as doubles.
     seed: Annotated[int, Field(ge=-(2**53), le=2**53), JSON_NUMBER] | None = None
@@ -114,20 +123,19 @@ def _messages(body: ChatCompletionRequest) -> list[ChatMessage]:
 
 def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
     settings = res.settings
-    accepted = {settings.served_model_name, settings.model, HF_MODEL_ID}
-    if body.model not in accepted:
+    if body.model not in {*settings.model_ids, settings.model, HF_MODEL_ID}:
         raise APIError(
             404,
             f"model {body.model!r} is not served here; use {settings.served_model_name!r}",
             code="model_not_found",
             param="model",
         )
-    if body.stream:
+    if body.stream_options is not None and not body.stream:
         raise APIError(
             400,
-            "stream=true is not supported yet; send stream=false",
-            code="unsupported_value",
-            param="stream",
+            "stream_options is only allowed when stream is true",
+            code="invalid_value",
+            param="stream_options",
         )
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", code="unsupported_value", param="n")
@@ -149,10 +157,24 @@ def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
     )
 
 
-@router.post("/v1/chat/completions", responses=responses(400, 404, 413, 422, 500, 503, 504))
-async def chat_completions(body: ChatCompletionRequest, res: ResourcesDep) -> dict[str, Any]:
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={
+        **sse_responses("the completion; with `stream: true`, its chunks", {"type": "object"}),
+        **responses(400, 404, 413, 422, 500, 503, 504),
+    },
+)
+async def chat_completions(
+    body: ChatCompletionRequest, res: ResourcesDep
+) -> dict[str, Any] | EventSourceResponse:
     chat = to_chat_input(body, res)
     await require_ready_worker(res)
+    if body.stream:
+        job = await jobs.submit(res, jobs.new_job(chat), interactive=True, watch=True)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        stream = ChatStream(res, job.id, body.model, include_usage)
+        return event_stream(stream.events())
     job = await jobs.submit(res, jobs.new_job(chat), interactive=True)
     done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s) or job
     if not done.status.terminal:

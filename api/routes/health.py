@@ -83,13 +83,14 @@ async def models(res: ResourcesDep) -> dict[str, Any]:
         "object": "list",
         "data": [
             {
-                "id": res.settings.served_model_name,
+                "id": model_id,
                 "object": "model",
                 "created": 0,
                 "owned_by": "guardfleet",
                 "root": res.settings.model,
                 "max_model_len": res.settings.max_input_tokens,
             }
+            for model_id in res.settings.model_ids
         ],
     }
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
+from pydantic import Field
 
-from api import jobs
+from api import jobs, live
 from api.deps import CallerDep, ResourcesDep
 from api.errors import APIError, responses
 from api.idempotency import IdempotencyKey, claim, fingerprint
+from api.job_events import END_ID
+from api.job_events import job_events as events_of
 from api.readiness import require_ready_worker
 from guardfleet.schemas import ClassifyRequest, Job, JobCreate, JobStatus
 
@@ -74,21 +77,90 @@ async def get_job(
     return await jobs.with_webhook(res, job)
 
 
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_model=None,
+    responses={
+        200: {
+            "description": "the job's status changes, think trace and end, as Server-Sent "
+            "Events (see api/job_events.py)",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "`Last-Event-ID: end`: the client already has the final event"},
+        **responses(404, 422, 503),
+    },
+)
+async def job_events(
+    job_id: str,
+    res: ResourcesDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(description="resume after this event (an `id` the stream sent)"),
+    ] = None,
+) -> Response:
+    """Follow a job as it runs: resumable with `Last-Event-ID`; a finished job answers with
+    its final event at once."""
+    if last_event_id is not None and last_event_id != END_ID:
+        try:
+            live.stream_id(last_event_id)
+        except ValueError:
+            raise APIError(
+                422,
+                f"Last-Event-ID {last_event_id[:64]!r} is not an id this stream sent",
+                code="invalid_value",
+                param="Last-Event-ID",
+            ) from None
+    job = await live.watch(res, job_id)
+    if job is None:
+        raise jobs.not_found(job_id)
+    if last_event_id == END_ID:
+        if job.status.terminal:
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        last_event_id = None  # not the end of this job's current run: start afresh
+    return live.event_stream(events_of(res, job, last_event_id))
+
+
 @router.post("/v1/jobs/{job_id}/cancel", responses=responses(404, 409, 503))
 async def cancel_job(job_id: str, res: ResourcesDep) -> Job:
     return await jobs.cancel(res, await jobs.get_or_404(res, job_id))
 
 
-@router.post("/v1/classify", responses=responses(400, 413, 422, 503, 504))
-async def classify(body: ClassifyRequest, res: ResourcesDep, response: Response) -> Job:
+class ClassifyCall(ClassifyRequest):
+    stream: Annotated[
+        bool,
+        Field(strict=True, description="answer with the job's events (Server-Sent Events)"),
+    ] = False
+
+
+@router.post(
+    "/v1/classify",
+    response_model=None,
+    responses={
+        200: {
+            "model": Job,
+            "description": "the finished job; with `stream: true`, the job's events as "
+            "Server-Sent Events, ending with the finished job",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **responses(400, 413, 422, 503, 504),
+    },
+)
+async def classify(body: ClassifyCall, res: ResourcesDep, response: Response) -> Job | Response:
     """Classify and wait (up to GUARDFLEET_SYNC_TIMEOUT_S) on the interactive lane.
 
     200 with the finished job (its `status` is `succeeded`, or `failed` with `error` when the
     model's output held no verdict); 422 when the input itself was refused (too long); 504 with
-    the job id when no verdict came in time: the job still runs, poll it.
+    the job id when no verdict came in time: the job still runs, poll it. With `stream: true`,
+    the events of `GET /v1/jobs/{id}/events` instead, the think trace as it is written; leaving
+    the stream cancels the job.
     """
+    request = ClassifyRequest.model_validate(body.model_dump(exclude={"stream"}))
     await require_ready_worker(res)
-    job = await jobs.submit(res, jobs.new_job(body), interactive=True)
+    if body.stream:
+        job = await jobs.submit(res, jobs.new_job(request), interactive=True, watch=True)
+        headers = {"Location": f"/v1/jobs/{job.id}"}
+        return live.event_stream(events_of(res, job, None, owned=True), headers)
+    job = await jobs.submit(res, jobs.new_job(request), interactive=True)
     done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s) or job
     location = f"/v1/jobs/{job.id}"
     if not done.status.terminal:

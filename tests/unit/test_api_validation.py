@@ -93,9 +93,13 @@ def test_oversized_body_is_413_with_or_without_content_length(client: TestClient
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"model": MODEL, "messages": []}, 422, "messages"),
         (
-            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True},
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "stream_options": {"include_usage": True},
+            },
             400,
-            "stream",
+            "stream_options",
         ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
         (

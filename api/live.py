@@ -1,0 +1,149 @@
+"""Following a job's live events (`guardfleet.streams`): the API's side of streaming.
+
+Each reader blocks on the job's Redis Stream for up to a second at a time, so it holds a pooled
+connection while it waits; `None` from `follow` is that second passing, when a reader checks its
+deadline or the job record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import redis
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import Resources
+from guardfleet.keys import job_key, job_stream
+from guardfleet.schemas import Job, JobError, JobStatus, utcnow
+from guardfleet.store import TransitionRefused
+from guardfleet.streams import Entry
+
+log = logging.getLogger(__name__)
+
+PING_S = 15  # an SSE comment this often keeps idle proxies from closing a quiet stream
+BLOCK_MS = 1000  # one quiet "tick" of `follow`
+READ_COUNT = 256
+RECHECK_S = 5  # quiet seconds between reads of the job record, a safety net under the stream
+TERMINAL = {status.value for status in JobStatus if status.terminal}
+
+# KEYS: job. Marks the job watched and returns its document in one step: every change after
+# this is in the stream.
+_WATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'watch', 1)
+return redis.call('HGET', KEYS[1], 'doc')
+"""
+
+
+def stream_id(value: str) -> tuple[int, int]:
+    """A stream entry id as a comparable pair; ValueError if it is not one."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def watch(res: Resources, job_id: str) -> Job | None:
+    """Start streaming a job: from now on its status changes and text go to its stream.
+    Returns the job as it was at that moment."""
+    doc = await res.redis.eval(_WATCH, 1, job_key(job_id))
+    return None if doc is None else Job.model_validate_json(doc)
+
+
+async def follow(res: Resources, job_id: str, after: str = "0-0") -> AsyncIterator[Entry | None]:
+    """The job's entries after `after`, as they come; None after each quiet second. Redis errors
+    are retried for up to GUARDFLEET_REDIS_OUTAGE_S, then raised."""
+    key = job_stream(job_id)
+    failing_since: float | None = None
+    while True:
+        try:
+            # RESP2 (our clients' protocol): [[key, [(id, fields), ...]]], or [] on timeout.
+            found: Any = await res.redis.xread({key: after}, count=READ_COUNT, block=BLOCK_MS)
+        except redis.RedisError as exc:
+            now = asyncio.get_running_loop().time()
+            failing_since = failing_since or now
+            if now - failing_since > res.settings.redis_outage_s:
+                raise
+            log.warning("reading the stream of job %s failed (retrying): %s", job_id, exc)
+            await asyncio.sleep(0.5)
+            continue
+        failing_since = None
+        if not found:
+            yield None
+            continue
+        for entry_id, fields in found[0][1]:
+            entry = Entry.parse(entry_id, fields)
+            after = entry.id
+            yield entry
+
+
+async def abandon(res: Resources, job_id: str, error_type: str, message: str) -> None:
+    """Cancel a streamed job nobody reads any more, saying why; never raises, and finishes even
+    while the request around it is being cancelled (a disconnect)."""
+    with anyio.move_on_after(res.settings.redis_timeout_s * 2, shield=True):
+        try:
+            job = await res.store.get(job_id)
+            if job is None or job.status.terminal:
+                return
+            await res.store.save(
+                job.model_copy(
+                    update={
+                        "status": JobStatus.CANCELLED,
+                        "finished_at": utcnow(),
+                        "error": JobError(type=error_type, message=message),
+                    }
+                )
+            )
+            log.info("job %s cancelled: %s", job_id, message)
+        except TransitionRefused:
+            pass  # it ended meanwhile
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not cancel job %s after %s: %s", job_id, error_type, exc)
+
+
+async def guarded(
+    events: AsyncIterator[ServerSentEvent],
+    failure: Callable[[str], list[ServerSentEvent]],
+    abandon_job: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """`events`, ending with `failure`'s events if Redis stays away; `abandon_job` runs when
+    the stream does not end by itself (the client disconnected, or the server is stopping)."""
+    ended = False
+    try:
+        try:
+            async for event in events:
+                yield event
+        except (redis.RedisError, OSError) as exc:
+            log.warning("a stream ended early: %s", exc)
+            for event in failure(f"the job store (Redis) is unavailable: {exc}"):
+                yield event
+        ended = True
+    finally:
+        if not ended and abandon_job is not None:
+            await abandon_job()
+
+
+def sse(data: str, kind: str | None = None, event_id: str | None = None) -> ServerSentEvent:
+    """One event, its lines ended by "\n" as OpenAI's servers send them."""
+    return ServerSentEvent(data=data, event=kind, id=event_id, sep="\n")
+
+
+def event_stream(
+    events: AsyncIterator[ServerSentEvent], headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    return EventSourceResponse(events, headers=headers, sep="\n", ping=PING_S)
+
+
+def sse_responses(description: str, json_schema: dict[str, Any]) -> dict[int | str, Any]:
+    """OpenAPI for a 200 that is JSON, or Server-Sent Events when the request asks to stream."""
+    return {
+        200: {
+            "description": f"{description} as Server-Sent Events",
+            "content": {
+                "application/json": {"schema": json_schema},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        }
+    }
