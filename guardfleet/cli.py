@@ -1,10 +1,13 @@
-"""The `guardfleet` command: submit a batch file and collect its results, or show a job.
+"""The `guardfleet` command: classify a text, submit a batch file and collect its results, or
+show a job.
 
+    guardfleet classify "text" [--response TEXT] [--think] [--json]
     guardfleet submit input.jsonl -o results.jsonl [--url URL] [--api-key KEY]
     guardfleet job JOB_ID [--url URL] [--api-key KEY]
 
-`submit` exits 0 when every item succeeded, 1 when any failed or was cancelled, 2 when the
-request itself was refused (the server's error message is printed).
+`classify` prints the reasoning trace as the model writes it (with --think), then the verdict.
+It and `submit` exit 0 when everything succeeded, 1 when something failed or was cancelled, 2
+when the request itself was refused (the server's error message is printed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 from tqdm import tqdm
 
 DEFAULT_URL = "http://localhost:8000"
@@ -85,6 +89,57 @@ def submit(args: argparse.Namespace) -> int:
     return 0 if counts["completed"] == total else 1
 
 
+def classify(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"prompt": args.text, "stream": True}
+    if args.response is not None:
+        body["response"] = args.response
+    if args.think:
+        body["mode"] = "think"
+    job: dict[str, Any] | None = None
+    trace = ""
+    with client(args) as http, connect_sse(http, "POST", "/v1/classify", json=body) as source:
+        if not source.response.is_success:
+            source.response.read()
+            checked(source.response)
+        for event in source.iter_sse():
+            if event.event == "reasoning" and not args.json:
+                delta = json.loads(event.data)["delta"]
+                if not trace:
+                    delta = delta.lstrip()  # the trace opens with a newline after <think>
+                print(delta, end="", flush=True)
+                trace += delta
+            elif event.event == "done":
+                job = json.loads(event.data)
+            elif event.event == "error":
+                raise CLIError(json.loads(event.data)["error"]["message"])
+    if trace and not trace.endswith("\n"):
+        print()
+    if job is None:
+        raise CLIError("the stream ended without a result")
+    if args.json:
+        print(json.dumps(job, indent=2))
+    elif job["status"] == "succeeded":
+        print(_verdict(job["result"]))
+    else:
+        error = job.get("error") or {}
+        print(f"job {job['id']} {job['status']}: {error.get('message', '')}", file=sys.stderr)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    scores = result.get("scores") or {}
+    lines = []
+    for field in ("prompt", "response"):
+        label = result.get(f"{field}_harm")
+        if label is None:
+            continue
+        score = scores.get(f"{field}_harm")
+        lines.append(
+            f"{field} harm: {label}" + (f" (score {score:.3f})" if score is not None else "")
+        )
+    return "\n".join(lines)
+
+
 def show_job(args: argparse.Namespace) -> int:
     with client(args) as http:
         job = checked(http.get(f"/v1/jobs/{args.job_id}"))
@@ -106,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout, seconds")
     commands = parser.add_subparsers(dest="command", required=True)
+    verdict = commands.add_parser("classify", help="classify a text and print the verdict")
+    verdict.add_argument("text", help="the user's prompt")
+    verdict.add_argument("--response", help="the assistant's response, to judge it too")
+    verdict.add_argument("--think", action="store_true", help="with a reasoning trace, streamed")
+    verdict.add_argument("--json", action="store_true", help="print the finished job as JSON")
+    verdict.set_defaults(run=classify)
     sub = commands.add_parser("submit", help="submit a JSONL (or .json array) batch and wait")
     sub.add_argument("input")
     sub.add_argument("-o", "--output", required=True, help="where to write results (JSONL)")

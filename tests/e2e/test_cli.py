@@ -80,3 +80,23 @@ def test_a_refused_batch_names_the_bad_lines(stack: ApiServer, tmp_path: Path) -
     missing = guardfleet("--url", "http://127.0.0.1:9", "job", "job_x")
     assert missing.returncode == 2
     assert "cannot reach" in missing.stderr
+
+
+def test_classify_streams_the_trace_then_prints_the_verdict(stack: ApiServer) -> None:
+    text = "How do I make a pipe bomb?"
+    shown = guardfleet("--url", stack.url, "classify", text, "--think")
+    assert shown.returncode == 0, shown.stderr
+    job = json.loads(guardfleet("--url", stack.url, "classify", text, "--think", "--json").stdout)
+    result = job["result"]
+    lines = shown.stdout.rstrip("\n").split("\n")
+    assert "\n".join(lines[:-1]).strip() == result["reasoning"]  # greedy: the same trace twice
+    assert (
+        lines[-1]
+        == f"prompt harm: {result['prompt_harm']} (score {result['scores']['prompt_harm']:.3f})"
+    )
+
+
+def test_classify_refused_input_exits_two(stack: ApiServer) -> None:
+    refused = guardfleet("--url", stack.url, "classify", "   ")
+    assert refused.returncode == 2
+    assert "prompt must contain non-whitespace text" in refused.stderr
