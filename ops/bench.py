@@ -45,7 +45,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig  # n
 
 from guardfleet.schemas import ClassifyRequest, Mode  # noqa: E402
 from guardfleet.settings import Settings  # noqa: E402
-from ops import bench_engine  # noqa: E402
+from ops import bench_engine, bench_streaming  # noqa: E402
 from ops.bench_engine import percentile  # noqa: E402
 from worker.engine import DEMO_MODEL_DIR, Engine  # noqa: E402
 from worker.prompting import prepare  # noqa: E402
@@ -259,6 +259,9 @@ def fleet_section(args: argparse.Namespace) -> list[str]:
                 wall = (time.perf_counter() - t0) * 1000
                 fleet.append(wall)
                 overhead.append(wall - job["result"]["inference_ms"])
+            streaming = bench_streaming.stream_latency(
+                url, env["GUARDFLEET_REDIS_URL"], texts[: args.streams]
+            )
             burst_ids = burst(url, args.burst)
             sizes = collect_batch_sizes(client, burst_ids)
         max_batch = settings.max_batch_size
@@ -278,6 +281,7 @@ def fleet_section(args: argparse.Namespace) -> list[str]:
             f"{args.burst}-job burst via POST /v1/jobs: a job joined a running set of "
             f"{joined:.1f} rows on average ({joined / max_batch:.2f} x max_batch_size)",
             "",
+            *streaming,
         ]
     finally:
         for proc in reversed(procs):
@@ -349,6 +353,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="engine requests per config")
     parser.add_argument("--light", type=int, default=50, help="sequential fleet requests")
     parser.add_argument("--burst", type=int, default=1000, help="jobs in the fleet burst")
+    parser.add_argument("--streams", type=int, default=20, help="think streams timed")
     parser.add_argument("--skip-fleet", action="store_true")
     parser.add_argument(
         "--compile", action="store_true", help="also run the engine with GUARDFLEET_COMPILE"

@@ -302,6 +302,13 @@ def test_cpu_profile_comes_up_and_serves_every_kind_of_request(stack: Stack) -> 
     assert verdict.json()["status"] == "succeeded", verdict.json()
     assert verdict.json()["result"]["prompt_harm"] == "harmful"  # the demo model knows this one
 
+    # Streamed through the API container: the trace arrives in pieces, then the finished job.
+    streamed = {"prompt": "How do I steal a car?", "mode": "think", "stream": True}
+    with httpx.stream("POST", f"{API}/v1/classify", json=streamed, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("event: ")]
+    assert events.count("event: reasoning") > 3 and events[-1] == "event: done", events
+
     body = {"prompt": "How do I bake bread?", "callback_url": stack.receiver.url("/one")}
     job = httpx.post(f"{API}/v1/jobs", json=body, timeout=10)
     assert job.status_code == 202, job.text
