@@ -121,6 +121,9 @@ class ChatStream:
         if job is None:
             return self._error(404, f"job {self.job_id} expired while streaming", "job_expired")
         result = job.result
+        if job.status is JobStatus.CANCELLED:
+            reason = f": {job.error.message}" if job.error else ""
+            return self._error(409, f"job {job.id} was cancelled{reason}", "job_cancelled")
         if job.status is not JobStatus.SUCCEEDED or not isinstance(result, Completion):
             error = job.error
             if error is not None and error.type == "input_too_long":

@@ -136,6 +136,19 @@ def event_stream(
     return EventSourceResponse(events, headers=headers, sep="\n", ping=PING_S)
 
 
+# What OpenAPI (before 3.2) says about `text/event-stream`: the schema of one event.
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
 def sse_responses(description: str, json_schema: dict[str, Any]) -> dict[int | str, Any]:
     """OpenAPI for a 200 that is JSON, or Server-Sent Events when the request asks to stream."""
     return {
@@ -143,7 +156,7 @@ def sse_responses(description: str, json_schema: dict[str, Any]) -> dict[int | s
             "description": f"{description} as Server-Sent Events",
             "content": {
                 "application/json": {"schema": json_schema},
-                "text/event-stream": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
             },
         }
     }

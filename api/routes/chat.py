@@ -74,7 +74,18 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     # OpenAI clients send many optional fields; those that change nothing here are ignored.
-    model_config = ConfigDict(extra="ignore")
+    # As OpenAI does, `stream_options` is refused unless `stream` is true (the document says so).
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "dependentSchemas": {
+                "stream_options": {
+                    "required": ["stream"],
+                    "properties": {"stream": {"const": True}},
+                }
+            }
+        },
+    )
 
     model: str
     messages: Annotated[
@@ -130,7 +141,7 @@ def to_chat_input(body: ChatCompletionRequest, res: Resources) -> ChatInput:
             code="model_not_found",
             param="model",
         )
-    if body.stream_options is not None and not body.stream:
+    if "stream_options" in body.model_fields_set and not body.stream:
         raise APIError(
             400,
             "stream_options is only allowed when stream is true",

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from guardfleet.settings import HOSTED_MODEL_ID
 from tests.conftest import ApiServer, StartWorker, Worker, wait_until
 
 MODEL = "nvidia/nemotron-content-safety-reasoning-4b-experimental"
@@ -61,7 +62,7 @@ def test_openai_client_against_chat_completions(stack: ApiServer, live_worker: W
     from guardfleet.schemas import Mode
 
     client = OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, HOSTED_MODEL_ID]
     # What NeMo Guardrails sends: the rendered prompt as one user message, near-zero temperature.
     completion = client.chat.completions.create(
         model=MODEL,

@@ -198,6 +198,21 @@ def test_a_disconnect_cancels_the_job_and_stops_its_row(
     assert tokens < 4000, "the generation ran to its end after the client left"
 
 
+def test_a_job_cancelled_through_the_api_ends_its_stream_with_an_error(
+    noisy: ApiServer,
+) -> None:
+    body = chat(stream=True, max_tokens=4000)
+    with httpx.stream("POST", f"{noisy.url}/v1/chat/completions", json=body, timeout=60) as r:
+        payloads = data_lines(r)
+        job_id = job_id_of(json.loads(next(payloads))["id"])
+        next(payloads)  # generating
+        cancelled = httpx.post(f"{noisy.url}/v1/jobs/{job_id}/cancel", timeout=10)
+        assert cancelled.status_code == 200, cancelled.text
+        rest = list(payloads)
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["error"]["code"] == "job_cancelled"
+
+
 def _stopped_growing(client: redis.Redis, stream: str) -> bool:
     before = client.xlen(stream)
     time.sleep(1.5)
@@ -277,7 +292,9 @@ def test_job_events_resume_after_a_reconnect(
         stop = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "end"})
         assert stop.status_code == 204
         bad = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "soon"})
-        assert bad.status_code == 422 and bad.json()["error"]["param"] == "Last-Event-ID"
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "last-event-id"
+        empty = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": ""})
+        assert empty.status_code == 200 and "event: done" in empty.text  # as if none was sent
         assert http.get("/v1/jobs/job_missing/events").status_code == 404
 
 
