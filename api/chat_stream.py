@@ -81,23 +81,10 @@ class ChatStream:
         yield self._delta({"role": "assistant", "content": ""})
         transcript = Transcript()
         limit = self.res.settings.sync_timeout_s
-        quiet = 0  # seconds without an entry
-        async for entry in live.follow(self.res, self.job_id):
-            if entry is None:
-                quiet += 1
-                if quiet >= limit:
-                    await live.abandon(
-                        self.res, self.job_id, "stream_timeout", "no progress on the stream"
-                    )
-                    message = f"no progress within {limit:g}s; the job was cancelled"
-                    for event in self._error(504, message, "sync_timeout"):
-                        yield event
-                    return
-                if quiet % live.RECHECK_S == 0 and await self._ended():
-                    break  # a safety net: the record is the truth
-                continue
-            quiet = 0
-            if transcript.apply(entry):
+        try:
+            async for entry in live.entries(self.res, self.job_id, limit):
+                if not transcript.apply(entry):
+                    continue
                 try:
                     new = continuation(self.sent, transcript.text)
                 except Diverged as exc:
@@ -107,15 +94,15 @@ class ChatStream:
                 if new:
                     self.sent += new
                     yield self._delta({"content": new})
-            if entry.kind == "status" and entry.status in live.TERMINAL:
-                break
+        except live.NoProgress:
+            await live.abandon(self.res, self.job_id, "stream_timeout", "no progress on the stream")
+            message = f"no progress within {limit:g}s; the job was cancelled"
+            for event in self._error(504, message, "sync_timeout"):
+                yield event
+            return
         job = await self.res.store.get(self.job_id)
         for event in self._final(job):
             yield event
-
-    async def _ended(self) -> bool:
-        job = await self.res.store.get(self.job_id)
-        return job is None or job.status.terminal
 
     def _final(self, job: Job | None) -> list[ServerSentEvent]:
         if job is None:

@@ -111,25 +111,16 @@ async def _events(
     )
     if last_event_id is None:
         yield _event("status", {"id": job.id, "status": job.status, "attempt": job.attempts})
-    quiet = 0  # seconds without an entry
-    async for entry in live.follow(res, job.id):
-        if entry is None:
-            quiet += 1
-            if limit is not None and quiet >= limit:
-                await live.abandon(res, job.id, "stream_timeout", "no progress on the stream")
-                message = f"no progress within {limit:g}s; the job was cancelled"
-                yield error_event(504, message, "sync_timeout")
-                return
-            if quiet % live.RECHECK_S == 0:  # a safety net: the record is the truth
-                current = await res.store.get(job.id)
-                if current is None or current.status.terminal:
-                    break
-            continue
-        quiet = 0
-        if (event := view.take(job.id, entry)) is not None:
-            yield event
-        if entry.kind == "status" and entry.status in live.TERMINAL:
-            break
+    try:
+        async for entry in live.entries(res, job.id, limit):
+            if (event := view.take(job.id, entry)) is not None:
+                yield event
+    except live.NoProgress:
+        await live.abandon(res, job.id, "stream_timeout", "no progress on the stream")
+        yield error_event(
+            504, f"no progress within {limit:g}s; the job was cancelled", "sync_timeout"
+        )
+        return
     final = await res.store.get(job.id)
     if final is None:
         yield error_event(404, f"job {job.id} expired while it was streamed", "job_expired")

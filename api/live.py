@@ -79,6 +79,31 @@ async def follow(res: Resources, job_id: str, after: str = "0-0") -> AsyncIterat
             yield entry
 
 
+class NoProgress(Exception):
+    """Nothing reached the stream for the time a streaming call may wait."""
+
+
+async def entries(res: Resources, job_id: str, limit_s: float | None) -> AsyncIterator[Entry]:
+    """The job's entries until its final status: `follow` with the waiting handled. Every
+    RECHECK_S quiet seconds the job record is read too, as a safety net (it is the truth, and a
+    stream can expire); NoProgress after `limit_s` quiet seconds."""
+    quiet = 0
+    async for entry in follow(res, job_id):
+        if entry is None:
+            quiet += 1
+            if limit_s is not None and quiet >= limit_s:
+                raise NoProgress
+            if quiet % RECHECK_S == 0:
+                job = await res.store.get(job_id)
+                if job is None or job.status.terminal:
+                    return
+            continue
+        quiet = 0
+        yield entry
+        if entry.kind == "status" and entry.status in TERMINAL:
+            return
+
+
 async def abandon(res: Resources, job_id: str, error_type: str, message: str) -> None:
     """Cancel a streamed job nobody reads any more, saying why; never raises, and finishes even
     while the request around it is being cancelled (a disconnect)."""

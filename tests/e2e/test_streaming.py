@@ -357,3 +357,34 @@ def test_a_worker_killed_mid_stream_costs_the_reader_nothing(
 
 
 MID_STREAM_TOKENS = 300
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_without_progress_times_out_and_cancels_its_job(
+    start_api: StartApi, start_worker: StartWorker, redis_server: RedisServer
+) -> None:
+    """The only worker is frozen (SIGSTOP) while its heartbeat still counts: the job stays
+    queued, the stream says so after GUARDFLEET_SYNC_TIMEOUT_S, and nothing is left running."""
+    db = RANDOM_DB + 3
+    worker = start_worker("frozen@test", db=db, GUARDFLEET_HEARTBEAT_TTL_S="60")
+    api = start_api(db=db, GUARDFLEET_SYNC_TIMEOUT_S="2")
+    client = redis.Redis.from_url(db_url(redis_server, db))
+    worker.process.send_signal(signal.SIGSTOP)
+    try:
+        body = {"prompt": "How do I bake bread?", "stream": True}
+        with httpx.Client(base_url=api.url, timeout=30) as http:
+            with connect_sse(http, "POST", "/v1/classify", json=body) as source:
+                job_id = source.response.headers["location"].rsplit("/", 1)[-1]
+                seen = list(source.iter_sse())
+            with connect_sse(
+                http, "POST", "/v1/chat/completions", json=chat(stream=True)
+            ) as chat_source:
+                chunks = [e.data for e in chat_source.iter_sse()]
+    finally:
+        worker.process.send_signal(signal.SIGCONT)
+    assert [e.event for e in seen] == ["status", "error"]
+    assert json.loads(seen[-1].data)["error"]["code"] == "sync_timeout"
+    job = json.loads(client.hget(f"guardfleet:job:{job_id}", "doc") or b"{}")
+    assert job["status"] == "cancelled" and job["error"]["type"] == "stream_timeout"
+    assert chunks[-1] == "[DONE]"
+    assert json.loads(chunks[-2])["error"]["code"] == "sync_timeout"
