@@ -45,7 +45,7 @@ from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig  # n
 
 from guardfleet.schemas import ClassifyRequest, Mode  # noqa: E402
 from guardfleet.settings import Settings  # noqa: E402
-from ops import bench_engine, bench_streaming  # noqa: E402
+from ops import bench_engine  # noqa: E402
 from ops.bench_engine import percentile  # noqa: E402
 from worker.engine import DEMO_MODEL_DIR, Engine  # noqa: E402
 from worker.prompting import prepare  # noqa: E402
@@ -203,6 +203,8 @@ def engine_section(args: argparse.Namespace, device: torch.device) -> list[str]:
 def fleet_section(args: argparse.Namespace) -> list[str]:
     """API + Redis + worker on the demo model, as subprocesses on loopback."""
     import httpx
+
+    from ops import bench_streaming  # needs the API's client libraries; the GPU profile does not
 
     redis_port, api_port = free_port(), free_port()
     env = {
