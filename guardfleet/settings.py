@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int | None = Field(
         None,
         ge=16,
-        description="prompt tokens per forward between decode steps (default: 4096 GPU, 1024 CPU)",
+        description="prompt tokens per forward between decode steps (default: 16384 GPU, 1024 CPU)",
     )
     compile: bool = Field(
         False,

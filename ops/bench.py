@@ -370,7 +370,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     device = torch.device("cuda:0" if args.profile == "gpu" and not args.smoke else "cpu")
-    command = "python ops/bench.py " + " ".join(sys.argv[1:])
+    command = reproduce(sys.argv[1:])
     header = [
         f"## {args.profile.upper()} profile, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
@@ -387,6 +387,21 @@ def main() -> None:
     print(text)
     if not args.smoke:
         write_results(args.out, args.profile, text)
+
+
+def reproduce(argv: list[str]) -> str:
+    """The command that reproduces this run: the GUARDFLEET_ settings in force and the
+    arguments, less where the results went."""
+    shown: list[str] = []
+    for arg in argv:
+        if shown and shown[-1] == "--out":
+            shown.pop()
+        elif not arg.startswith("--out="):
+            shown.append(arg)
+    if shown and shown[-1] == "--out":
+        shown.pop()
+    knobs = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("GUARDFLEET_")]
+    return " ".join([*knobs, "python ops/bench.py", *shown])
 
 
 def write_results(path: Path, profile: str, section: str) -> None:
