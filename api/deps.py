@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import redis.asyncio as aioredis
@@ -30,6 +30,9 @@ class Resources:
     celery: Celery
     allow: AllowList
     ready_until: float = 0.0  # monotonic time until which "a worker is ready" is trusted
+    ready_interactive: int = 0  # how many ready workers serve the interactive lane, as then
+    # Each lane's backlog and when it was read (api.backpressure).
+    depths: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 def get_resources(request: Request) -> Resources:

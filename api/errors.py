@@ -30,6 +30,7 @@ _TYPE_BY_STATUS = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     503: "service_unavailable",
     504: "timeout_error",
 }
@@ -57,8 +58,10 @@ _DESCRIPTIONS = {
     409: "the resource is not in a state that allows this",
     413: "request body over the size limit",
     422: "a field is invalid (named in `param`)",
+    429: "the bulk queue is full: nothing was queued; retry after `Retry-After` seconds",
     500: "the request could not be completed",
-    503: "Redis is unavailable or refusing writes, or no worker can serve a sync call",
+    503: "Redis is unavailable or refusing writes, or no worker can serve a sync call now "
+    "(none ready, or too many calls waiting: see `Retry-After`)",
     504: "no answer within the sync timeout; the job still runs",
 }
 

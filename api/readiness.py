@@ -53,8 +53,10 @@ async def require_ready_worker(res: Resources) -> None:
     bulk-only workers would leave the caller waiting for the sync timeout."""
     if time.monotonic() < res.ready_until:
         return
-    if any(QUEUE_INTERACTIVE in w.queues for w in await ready_workers(res)):
+    serving = sum(QUEUE_INTERACTIVE in w.queues for w in await ready_workers(res))
+    if serving:
         res.ready_until = time.monotonic() + READY_CACHE_S
+        res.ready_interactive = serving
     else:
         raise APIError(
             503,

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(30.0, gt=0, le=600)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_batch_items: int = Field(50_000, ge=1, description="most lines in one batch")
+    max_queued_bulk: int = Field(
+        100_000, ge=1, description="bulk jobs waiting before new ones get 429 (batches too)"
+    )
+    max_queued_interactive_per_worker: int = Field(
+        128, ge=1, description="sync calls waiting per ready worker before new ones get 503"
+    )
     max_batch_body_bytes: int = Field(64 * 1_048_576, ge=1024, description="batch upload limit")
 
     # --- webhooks ---------------------------------------------------------------------------
@@ -160,6 +166,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.max_batch_items > self.max_queued_bulk:
+            raise ValueError("max_batch_items must not exceed max_queued_bulk (no batch could fit)")
         if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
             raise ValueError("heartbeat_interval_s must be shorter than heartbeat_ttl_s")
         if self.default_chat_tokens > self.max_chat_tokens:

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api import jobs
+from api import backpressure, jobs
 from api.deps import CallerDep, Resources, ResourcesDep
 from api.errors import APIError, responses
 from api.idempotency import IdempotencyKey, claim, fingerprint
@@ -119,7 +119,7 @@ class NDJSONResponse(StreamingResponse):
     status_code=status.HTTP_202_ACCEPTED,
     responses={
         200: {"model": Batch, "description": "a replay of an earlier request with this key"},
-        **responses(400, 404, 409, 413, 422, 503),
+        **responses(400, 404, 409, 413, 422, 429, 503),
     },
     # The body is read raw (JSONL or a JSON array); api.main declares the array form in the
     # OpenAPI document, with the item limit of the running configuration.
@@ -146,6 +146,7 @@ async def create_batch(
             response.headers["Idempotent-Replayed"] = "true"
             batch = await get_or_404(res, claimed.replay_of)
         else:
+            await backpressure.admit_bulk(res, len(items))
             await _create(res, batch, items)
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     return batch

@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from api import jobs
+from api import backpressure, jobs
 from api.chat_stream import ChatStream
 from api.deps import Resources, ResourcesDep
 from api.errors import APIError, responses
@@ -181,6 +181,7 @@ async def chat_completions(
 ) -> dict[str, Any] | EventSourceResponse:
     chat = to_chat_input(body, res)
     await require_ready_worker(res)
+    await backpressure.admit_interactive(res)
     if body.stream:
         job = await jobs.submit(res, jobs.new_job(chat), interactive=True, watch=True)
         include_usage = body.stream_options is not None and body.stream_options.include_usage

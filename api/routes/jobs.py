@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from pydantic import Field
 
-from api import jobs, live
+from api import backpressure, jobs, live
 from api.deps import CallerDep, ResourcesDep
 from api.errors import APIError, responses
 from api.idempotency import IdempotencyKey, claim, fingerprint
@@ -28,7 +28,7 @@ MAX_POLL_WAIT_S = 60.0
     status_code=status.HTTP_202_ACCEPTED,
     responses={
         200: {"model": Job, "description": "a replay of an earlier request with this key"},
-        **responses(400, 409, 413, 422, 503),
+        **responses(400, 409, 413, 422, 429, 503),
     },
 )
 async def create_job(
@@ -45,6 +45,7 @@ async def create_job(
     body_print = fingerprint(body.model_dump_json())
     async with claim(res, "jobs", idempotency_key, body_print, job.id, caller) as claimed:
         if claimed.replay_of is None:
+            await backpressure.admit_bulk(res)
             job = await jobs.submit(res, job, interactive=False)
         else:
             job = await replayed(res, claimed.replay_of, response)
@@ -150,6 +151,7 @@ async def classify(body: ClassifyCall, res: ResourcesDep, response: Response) ->
     """
     request = ClassifyRequest.model_validate(body.model_dump(exclude={"stream"}))
     await require_ready_worker(res)
+    await backpressure.admit_interactive(res)
     if body.stream:
         job = await jobs.submit(res, jobs.new_job(request), interactive=True, watch=True)
         headers = {"Location": f"/v1/jobs/{job.id}"}

@@ -45,6 +45,7 @@ def test_operator_facing_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("GUARDFLEET_SCORE_THRESHOLD", "1.5", "less than or equal to 1"),
         ("GUARDFLEET_HEARTBEAT_INTERVAL_S", "30", "shorter than heartbeat_ttl_s"),
         ("GUARDFLEET_DTYPE", "int8", "bfloat16"),
+        ("GUARDFLEET_MAX_QUEUED_BULK", "10", "no batch could fit"),
     ],
 )
 def test_bad_values_are_refused_at_start(
