@@ -121,22 +121,16 @@ class WorkerService:
         cancel = threading.Event()
         tap = self.publisher.open(job.id, job.attempts, watched)
         try:
-            try:
-                prepared = prepare(job.request, self.engine, self.settings)
-                prepared.priority = 1 if lane == QUEUE_BULK else 0
-                prepared.cancel = cancel
-                prepared.on_token = tap.on_token
-                future = self.runner.submit(prepared)
-            except Exception as exc:
-                self._fail(job, exc)
-                return
-            try:
-                timed = self._wait(job.id, future, cancel, tap)
-            except Exception as exc:
-                self._fail(job, exc)
-                return
+            prepared = prepare(job.request, self.engine, self.settings)
+            prepared.priority = 1 if lane == QUEUE_BULK else 0
+            prepared.cancel = cancel
+            prepared.on_token = tap.on_token
+            timed = self._wait(job.id, self.runner.submit(prepared), cancel, tap)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
         finally:
-            self.publisher.close(tap)  # the last deltas go before the job's final status
+            self.publisher.close(tap)  # a result's last deltas go before its final status
         if timed.result.finish_reason == "cancelled":
             log.info(
                 "job %s was cancelled while running; its generation stopped after %d tokens",
