@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 
+from api import metrics
 from api.deps import Resources
 from api.errors import APIError
 from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE
@@ -51,6 +52,7 @@ async def admit_bulk(res: Resources, adding: int = 1) -> None:
         )
     waiting = await backlog(res, QUEUE_BULK)
     if waiting + adding > limit:
+        metrics.REFUSED.labels(QUEUE_BULK).inc(adding)
         raise APIError(
             429,
             f"the bulk queue holds {waiting} jobs waiting, and {adding} more would pass its "
@@ -66,6 +68,7 @@ async def admit_interactive(res: Resources) -> None:
     limit = res.ready_interactive * res.settings.max_queued_interactive_per_worker
     waiting = await backlog(res, QUEUE_INTERACTIVE)
     if waiting >= limit:
+        metrics.REFUSED.labels(QUEUE_INTERACTIVE).inc()
         raise APIError(
             503,
             f"{waiting} sync calls are already waiting for {res.ready_interactive} ready "

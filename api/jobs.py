@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
+from api import metrics
 from api.deps import Resources
 from api.errors import APIError
 from guardfleet.keys import TASK_RUN_JOB, delivery_key, job_channel
@@ -82,6 +83,7 @@ async def submit(res: Resources, job: Job, interactive: bool, watch: bool = Fals
         except Exception:  # Redis is likely down too; the record expires with its TTL
             log.warning("could not mark job %s as failed to enqueue", job.id)
         raise APIError(503, f"could not queue the job: {exc}", code="queue_unavailable") from exc
+    metrics.ACCEPTED.labels(queue).inc()
     return job
 
 

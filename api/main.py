@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.deps import Resources, require_api_key
+from api.metrics import CountRequests
 from api.routes import batches, chat, health, jobs
 from guardfleet.batches import AsyncBatchStore
 from guardfleet.queueing import make_celery
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             responses=errors.responses(401),
         )
     app.include_router(health.router)
+    app.add_middleware(CountRequests)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

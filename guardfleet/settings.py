@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(30.0, gt=0, le=600)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_batch_items: int = Field(50_000, ge=1, description="most lines in one batch")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="a worker serves Prometheus metrics here when set"
+    )
     max_queued_bulk: int = Field(
         100_000, ge=1, description="bulk jobs waiting before new ones get 429 (batches too)"
     )

@@ -85,6 +85,11 @@ class Runner:
             self._cond.notify()
         return future
 
+    def load(self) -> tuple[int, int]:
+        """(requests prefilling or generating, requests waiting to join)."""
+        with self._cond:
+            return len(self._live), len(self._waiting)
+
     def problem(self) -> str | None:
         """Why this runner cannot serve any more (dead or stuck model thread), or None."""
         if self._died is not None:

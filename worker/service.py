@@ -19,6 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import redis
+import torch
 
 from guardfleet import batches, webhooks
 from guardfleet.errors import GuardfleetError
@@ -26,6 +27,7 @@ from guardfleet.keys import QUEUE_BULK
 from guardfleet.schemas import Batch, BatchStatus, Job, JobError, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
+from worker import metrics
 from worker.batching import BatchPolicy
 from worker.engine import Engine
 from worker.errors import HandBack, ModelUnavailable, StoreUnavailable
@@ -69,6 +71,13 @@ class WorkerService:
         self.reconciler = Reconciler(self.redis, send_task, settings.job_stale_s)
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.publisher = Publisher(self.redis, self.engine.decode)
+        if settings.worker_metrics_port:
+            device = self.engine.device
+            metrics.serve(
+                settings.worker_metrics_port,
+                self.runner.load,
+                lambda: torch.cuda.memory_allocated(device) if device.type == "cuda" else 0,
+            )
         self.heartbeat: Heartbeat | None = None
         self.name = "unnamed"
         self._done = 0
@@ -118,6 +127,7 @@ class WorkerService:
         if started is None:
             return
         job, watched = started
+        began = time.monotonic()
         cancel = threading.Event()
         tap = self.publisher.open(job.id, job.attempts, watched)
         try:
@@ -132,6 +142,7 @@ class WorkerService:
         finally:
             self.publisher.close(tap)  # a result's last deltas go before its final status
         if timed.result.finish_reason == "cancelled":
+            _observe(timed, tap, began, "cancelled")
             log.info(
                 "job %s was cancelled while running; its generation stopped after %d tokens",
                 job.id,
@@ -145,6 +156,7 @@ class WorkerService:
         except Exception as exc:
             done = self._failed(job, exc)
         self._finish(done)
+        _observe(timed, tap, began, done.error.type if done.error else timed.result.finish_reason)
 
     def _wait(self, job_id: str, future: Future[Timed], cancel: threading.Event, tap: Tap) -> Timed:
         """The generation's result. Meanwhile, a job cancelled through the API has its row
@@ -217,7 +229,9 @@ class WorkerService:
         """End the job as failed, unless the fault is not its own: then hand it back."""
         if isinstance(exc, HandBack):
             raise exc
-        self._finish(self._failed(job, exc))
+        failed = self._failed(job, exc)
+        self._finish(failed)
+        metrics.FINISHED.labels(failed.error.type if failed.error else "error").inc()
 
     def _failed(self, job: Job, exc: Exception) -> Job:
         if isinstance(exc, GuardfleetError):
@@ -282,3 +296,16 @@ class WorkerService:
             event=event,
             data=data,
         )
+
+
+def _observe(timed: Timed, tap: Tap, began: float, reason: str) -> None:
+    """A generation's figures into the worker's metrics."""
+    metrics.FINISHED.labels(reason).inc()
+    metrics.BATCH.observe(timed.batch_size)
+    metrics.QUEUE.observe(timed.queue_wait_ms / 1000)
+    metrics.INFERENCE.observe(timed.inference_ms / 1000)
+    metrics.PROMPT_TOKENS.inc(timed.prompt_tokens)
+    metrics.GENERATION_TOKENS.inc(len(timed.result.token_ids))
+    if tap.first_at is not None:
+        metrics.FIRST_TOKEN.observe(tap.first_at - began)
+    metrics.END_TO_END.observe(time.monotonic() - began)

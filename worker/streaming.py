@@ -42,6 +42,7 @@ class Tap:
         self._lock = threading.Lock()
         self._tokens: list[int] = []
         self._newest_at = 0.0
+        self.first_at: float | None = None  # monotonic time of the first token
         self._prefix = 0  # tokens before `_read` decoded as context for the next delta
         self._read = 0  # tokens already turned into text
         self.sent_chars = 0
@@ -52,6 +53,8 @@ class Tap:
         with self._lock:
             self._tokens.append(token)
             self._newest_at = time.time()
+            if self.first_at is None:
+                self.first_at = time.monotonic()
         if self.watched:
             self._wake.set()
 

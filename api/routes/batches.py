@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api import backpressure, jobs
+from api import backpressure, jobs, metrics
 from api.deps import CallerDep, Resources, ResourcesDep
 from api.errors import APIError, responses
 from api.idempotency import IdempotencyKey, claim, fingerprint
@@ -160,6 +160,7 @@ async def _create(res: Resources, batch: Batch, items: list[BatchItem]) -> None:
     await res.batches.create(batch, batch_jobs)
     try:
         await run_in_threadpool(publish_jobs, res.celery, [j.id for j in batch_jobs], QUEUE_BULK)
+        metrics.ACCEPTED.labels(QUEUE_BULK).inc(len(batch_jobs))
     except Exception as exc:
         # Some jobs may be queued, others not: cancel what is still queued, so nothing waits
         # forever, and tell the client to resubmit.

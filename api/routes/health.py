@@ -7,9 +7,11 @@ from typing import Any
 
 import redis.exceptions
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from api import metrics
 from api.deps import ResourcesDep, require_api_key
 from api.errors import responses
 from api.readiness import ready_workers
@@ -93,6 +95,18 @@ async def models(res: ResourcesDep) -> dict[str, Any]:
             for model_id in res.settings.model_ids
         ],
     }
+
+
+@router.get(
+    "/v1/metrics",
+    dependencies=[Depends(require_api_key)],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **responses(401)},
+)
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_api_key)])
+async def prometheus_metrics(res: ResourcesDep) -> PlainTextResponse:
+    """Prometheus text: this API process's counters and the fleet's queues and workers."""
+    return PlainTextResponse(await metrics.render(res), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/version", dependencies=[Depends(require_api_key)], responses=responses(401))
