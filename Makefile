@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench demo-model compose-check compose-test clean
+.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench demo-model compose-check compose-test monitoring-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-e2e: $(STAMP)
 
 test-faults: $(STAMP)  ## Redis frozen and killed, workers signalled, model thread broken
 	$(BIN)/python -m pytest -m faults
+
+monitoring-check:  ## promtool: the Prometheus config, the alert rules and their tests
+	cd ops/monitoring && promtool check config prometheus.yml && promtool check rules alerts.yml \
+	  && promtool test rules alerts_test.yml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -309,6 +309,18 @@ def test_cpu_profile_comes_up_and_serves_every_kind_of_request(stack: Stack) -> 
         events = [line for line in response.iter_lines() if line.startswith("event: ")]
     assert events.count("event: reasoning") > 3 and events[-1] == "event: done", events
 
+    # Metrics: the API's on its port, the worker's inside the network (where Prometheus scrapes).
+    scrape = (
+        "import urllib.request; "
+        "print(urllib.request.urlopen('http://127.0.0.1:9400/metrics', timeout=5).read().decode())"
+    )
+    worker_metrics = run(
+        stack.argv("exec", "-T", CPU_WORKER, "python", "-c", scrape), env=stack.engine.env
+    )
+    assert 'guardfleet_request_finish_total{reason="stop"}' in worker_metrics.stdout
+    api_metrics = httpx.get(f"{API}/v1/metrics", timeout=10).text
+    assert 'guardfleet_workers_ready{device="cpu"} 1.0' in api_metrics
+
     body = {"prompt": "How do I bake bread?", "callback_url": stack.receiver.url("/one")}
     job = httpx.post(f"{API}/v1/jobs", json=body, timeout=10)
     assert job.status_code == 202, job.text
