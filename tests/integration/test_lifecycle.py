@@ -208,8 +208,13 @@ def test_cancel_races_a_running_worker_and_one_side_wins(api: TestClient) -> Non
     answered 200 and no verdict was ever written) or with a verdict (the cancel was a 409)."""
     ids = [
         api.post("/v1/jobs", json={"prompt": f"How do I tune a guitar? #{i}"}).json()["id"]
-        for i in range(30)
+        for i in range(60)
     ]
+    # Cancel once the worker has finished something: running jobs can be cancelled too, so only
+    # a job that already ended answers 409, and the cancels must overlap the worker's progress.
+    wait_until(
+        lambda: api.get(f"/v1/jobs/{ids[0]}").json()["status"] == "succeeded", 60, "a first verdict"
+    )
     answers = {job_id: api.post(f"/v1/jobs/{job_id}/cancel").status_code for job_id in ids}
     assert set(answers.values()) <= {200, 409}
 
