@@ -80,9 +80,10 @@ class ChatStream:
     async def _events(self) -> AsyncIterator[ServerSentEvent]:
         yield self._delta({"role": "assistant", "content": ""})
         transcript = Transcript()
-        limit = self.res.settings.sync_timeout_s
         try:
-            async for entry in live.entries(self.res, self.job_id, limit):
+            async for entry in live.entries(
+                self.res, self.job_id, self.res.settings.sync_timeout_s
+            ):
                 if not transcript.apply(entry):
                     continue
                 try:
@@ -94,10 +95,8 @@ class ChatStream:
                 if new:
                     self.sent += new
                     yield self._delta({"content": new})
-        except live.NoProgress:
-            await live.abandon(self.res, self.job_id, "stream_timeout", "no progress on the stream")
-            message = f"no progress within {limit:g}s; the job was cancelled"
-            for event in self._error(504, message, "sync_timeout"):
+        except live.NoProgress as exc:
+            for event in self._error(504, str(exc), "sync_timeout"):
                 yield event
             return
         job = await self.res.store.get(self.job_id)

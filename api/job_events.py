@@ -115,11 +115,8 @@ async def _events(
         async for entry in live.entries(res, job.id, limit):
             if (event := view.take(job.id, entry)) is not None:
                 yield event
-    except live.NoProgress:
-        await live.abandon(res, job.id, "stream_timeout", "no progress on the stream")
-        yield error_event(
-            504, f"no progress within {limit:g}s; the job was cancelled", "sync_timeout"
-        )
+    except live.NoProgress as exc:
+        yield error_event(504, str(exc), "sync_timeout")
         return
     final = await res.store.get(job.id)
     if final is None:

@@ -124,14 +124,18 @@ async def get_or_404(res: Resources, job_id: str) -> Job:
     return job
 
 
-async def cancel(res: Resources, job: Job) -> Job:
+async def cancel(res: Resources, job: Job, error: JobError | None = None) -> Job:
+    """Cancel a queued or running job (409 once it has ended); `error` says why, when the
+    service cancelled it rather than the client."""
     if job.status.terminal:
         raise APIError(
             409,
             f"job {job.id} is {job.status}; only queued or running jobs can be cancelled",
             code="not_cancellable",
         )
-    cancelled = job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})
+    cancelled = job.model_copy(
+        update={"status": JobStatus.CANCELLED, "finished_at": utcnow(), "error": error}
+    )
     try:
         await res.store.save(cancelled)
     except TransitionRefused as exc:

@@ -16,10 +16,11 @@ import anyio
 import redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from api import jobs
 from api.deps import Resources
+from api.errors import APIError
 from guardfleet.keys import job_key, job_stream
-from guardfleet.schemas import Job, JobError, JobStatus, utcnow
-from guardfleet.store import TransitionRefused
+from guardfleet.schemas import Job, JobError, JobStatus
 from guardfleet.streams import Entry
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,10 @@ async def watch(res: Resources, job_id: str) -> Job | None:
     return None if doc is None else Job.model_validate_json(doc)
 
 
-async def follow(res: Resources, job_id: str, after: str = "0-0") -> AsyncIterator[Entry | None]:
-    """The job's entries after `after`, as they come; None after each quiet second. Redis errors
-    are retried for up to GUARDFLEET_REDIS_OUTAGE_S, then raised."""
-    key = job_stream(job_id)
+async def follow(res: Resources, job_id: str) -> AsyncIterator[Entry | None]:
+    """The job's entries from its first, as they come; None after each quiet second. Redis
+    errors are retried for up to GUARDFLEET_REDIS_OUTAGE_S, then raised."""
+    key, after = job_stream(job_id), "0-0"
     failing_since: float | None = None
     while True:
         try:
@@ -80,19 +81,22 @@ async def follow(res: Resources, job_id: str, after: str = "0-0") -> AsyncIterat
 
 
 class NoProgress(Exception):
-    """Nothing reached the stream for the time a streaming call may wait."""
+    """Nothing reached the stream for the time a streaming call may wait; the job was
+    cancelled (`stream_timeout`)."""
 
 
 async def entries(res: Resources, job_id: str, limit_s: float | None) -> AsyncIterator[Entry]:
     """The job's entries until its final status: `follow` with the waiting handled. Every
     RECHECK_S quiet seconds the job record is read too, as a safety net (it is the truth, and a
-    stream can expire); NoProgress after `limit_s` quiet seconds."""
+    stream can expire). After `limit_s` quiet seconds the job is cancelled and NoProgress
+    raised: a streaming call's reader gives up, so nobody would read the rest."""
     quiet = 0
     async for entry in follow(res, job_id):
         if entry is None:
             quiet += 1
             if limit_s is not None and quiet >= limit_s:
-                raise NoProgress
+                await abandon(res, job_id, "stream_timeout", "no progress on the stream")
+                raise NoProgress(f"no progress within {limit_s:g}s; the job was cancelled")
             if quiet % RECHECK_S == 0:
                 job = await res.store.get(job_id)
                 if job is None or job.status.terminal:
@@ -110,20 +114,11 @@ async def abandon(res: Resources, job_id: str, error_type: str, message: str) ->
     with anyio.move_on_after(res.settings.redis_timeout_s * 2, shield=True):
         try:
             job = await res.store.get(job_id)
-            if job is None or job.status.terminal:
-                return
-            await res.store.save(
-                job.model_copy(
-                    update={
-                        "status": JobStatus.CANCELLED,
-                        "finished_at": utcnow(),
-                        "error": JobError(type=error_type, message=message),
-                    }
-                )
-            )
-            log.info("job %s cancelled: %s", job_id, message)
-        except TransitionRefused:
-            pass  # it ended meanwhile
+            if job is not None:
+                await jobs.cancel(res, job, JobError(type=error_type, message=message))
+                log.info("job %s cancelled: %s", job_id, message)
+        except APIError:
+            pass  # it ended already, or meanwhile
         except (redis.RedisError, OSError) as exc:
             log.warning("could not cancel job %s after %s: %s", job_id, error_type, exc)
 
