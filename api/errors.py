@@ -20,6 +20,8 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import request_ids
+
 log = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -175,9 +177,17 @@ async def _redis_refused(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error", code="internal_error")
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Runs outside the request-id middleware (Starlette answers 500s last), so the id comes
+    # from the scope, where that middleware left it.
+    request_id = request.scope.get(request_ids.SCOPE_KEY, "")
+    log.exception("unhandled error", exc_info=exc, extra={"request_id": request_id})
+    return error_response(
+        500,
+        f"internal server error (request id {request_id})",
+        code="internal_error",
+        headers={request_ids.HEADER: request_id},
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -84,6 +84,7 @@ async def submit(res: Resources, job: Job, interactive: bool, watch: bool = Fals
             log.warning("could not mark job %s as failed to enqueue", job.id)
         raise APIError(503, f"could not queue the job: {exc}", code="queue_unavailable") from exc
     metrics.ACCEPTED.labels(queue).inc()
+    log.info("job %s queued on %s", job.id, queue, extra={"job_id": job.id})
     return job
 
 

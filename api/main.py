@@ -15,7 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from api.deps import Resources, require_api_key
 from api.metrics import CountRequests
+from api.request_ids import RequestIds
 from api.routes import batches, chat, health, jobs
+from guardfleet import logs
 from guardfleet.batches import AsyncBatchStore
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import BatchItem
@@ -114,6 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         max_batch_bytes=settings.max_batch_body_bytes,
     )
+    # Outermost, so every answer (413s included) carries the id and every line logs it.
+    app.add_middleware(RequestIds, access_log=settings.log_format == "json")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -187,5 +191,7 @@ def _absent_not_null(schema: dict[str, Any]) -> None:
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn api.main:app` builds the app on first access, after the environment is final.
     if name == "app":
-        return create_app()
+        settings = get_settings()
+        logs.configure(settings.log_format)
+        return create_app(settings)
     raise AttributeError(name)

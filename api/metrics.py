@@ -1,7 +1,10 @@
 """Prometheus metrics of one API process, and of the fleet as Redis shows it.
 
 Counters and histograms are this process's (with several API processes, Prometheus sums them);
-the fleet gauges (queue depth and age per lane, ready workers) are read from Redis at scrape time.
+the fleet gauges (queue depth and age per lane, ready workers) and the fleet counters (jobs ended,
+batch items, webhook attempts: `guardfleet.keys.STATS`, kept by whichever process made the change)
+are read from Redis at scrape time. The fleet series are the same from every API process: query
+them with `max`, not `sum`.
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ import base64
 import json
 import time
 from collections import Counter as Tally
+from collections.abc import Iterator
 from datetime import datetime
+from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Resources
 from api.readiness import ready_workers
-from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, job_key
+from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, STATS, job_key
 
 REGISTRY = CollectorRegistry()
 HTTP_REQUESTS = Counter(
@@ -57,6 +64,54 @@ WORKERS_READY = Gauge(
 SYNC_ROUTES = {"/v1/classify", "/v1/chat/completions"}
 
 
+class FleetTotals(Collector):
+    """The fleet counters in `STATS`, as read at the last scrape. Every label value this
+    service can write is listed, so a series exists (at 0) before its first event."""
+
+    FAMILIES: ClassVar[dict[str, tuple[str, str, str, tuple[str, ...]]]] = {
+        "jobs_ended": (
+            "guardfleet_jobs_finished",
+            "jobs that reached a final status, fleet-wide",
+            "status",
+            ("succeeded", "failed", "cancelled"),
+        ),
+        "batch_items": (
+            "guardfleet_batch_items",
+            "batch items accepted, and ended by state, fleet-wide",
+            "state",
+            ("accepted", "completed", "failed", "cancelled"),
+        ),
+        "webhook_attempts": (
+            "guardfleet_webhook_attempts",
+            "webhook delivery attempts by outcome: delivered, retry (will be tried again or "
+            "has run out of attempts), gone (410), refused (blocked address)",
+            "outcome",
+            ("delivered", "retry", "gone", "refused"),
+        ),
+        "webhook_deliveries": (
+            "guardfleet_webhook_deliveries",
+            "webhook deliveries that ended, by final status (failed: every attempt failed)",
+            "status",
+            ("delivered", "gone", "failed"),
+        ),
+    }
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for prefix, (name, doc, label, known) in self.FAMILIES.items():
+            family = CounterMetricFamily(name, doc, labels=[label])
+            seen = {k.split(":", 1)[1] for k in self.values if k.startswith(prefix + ":")}
+            for value in sorted(set(known) | seen):
+                family.add_metric([value], self.values.get(f"{prefix}:{value}", 0.0))
+            yield family
+
+
+FLEET_TOTALS = FleetTotals()
+REGISTRY.register(FLEET_TOTALS)
+
+
 async def render(res: Resources) -> bytes:
     """The Prometheus text, with the fleet gauges read now."""
     lanes = [*GPU_QUEUES, QUEUE_WEBHOOKS]
@@ -65,7 +120,9 @@ async def render(res: Resources) -> bytes:
             pipe.llen(lane)
         for lane in GPU_QUEUES:
             pipe.lindex(lane, -1)  # the oldest: producers push on the left
+        pipe.hgetall(STATS)
         found = await pipe.execute()
+    FLEET_TOTALS.values = {_text(k): float(v) for k, v in found.pop().items()}
     for lane, depth in zip(lanes, found, strict=False):
         QUEUE_DEPTH.labels(lane).set(int(depth))
     for lane, message in zip(GPU_QUEUES, found[len(lanes) :], strict=True):
@@ -74,6 +131,10 @@ async def render(res: Resources) -> bytes:
     for device, count in Tally(w.device for w in await ready_workers(res)).items():
         WORKERS_READY.labels(device).set(count)
     return generate_latest(REGISTRY)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _age(res: Resources, message: bytes | None) -> float:

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from guardfleet.keys import (
     QUEUE_BULK,
+    STATS,
     batch_done_key,
     batch_jobs_key,
     batch_key,
@@ -30,11 +31,13 @@ COUNTER = {
     JobStatus.CANCELLED: "cancelled",
 }
 
+# KEYS: batch state, ids already counted, fleet counters. ARGV: job id, counter, now, ttl.
 _PROGRESS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+redis.call('HINCRBY', KEYS[3], 'batch_items:' .. ARGV[2], 1)
 local h = redis.call('HMGET', KEYS[1], 'total', 'completed', 'failed', 'cancelled', 'status')
 if h[5] == 'in_progress' and tonumber(h[2]) + tonumber(h[3]) + tonumber(h[4]) >= tonumber(h[1]) then
   redis.call('HSET', KEYS[1], 'status', 'completed', 'completed_at', ARGV[3])
@@ -56,7 +59,7 @@ CHUNK = 1000
 
 def _progress_args(job: Job, ttl_s: int) -> tuple[list[str], list[str | int]]:
     assert job.batch_id is not None
-    keys = [batch_state_key(job.batch_id), batch_done_key(job.batch_id)]
+    keys = [batch_state_key(job.batch_id), batch_done_key(job.batch_id), STATS]
     return keys, [job.id, COUNTER[job.status], utcnow().isoformat(), ttl_s]
 
 
@@ -116,6 +119,7 @@ class AsyncBatchStore:
                 },
             )
             pipe.expire(batch_state_key(batch.id), ttl)
+            pipe.hincrby(STATS, "batch_items:accepted", len(jobs))
             await pipe.execute()
         for start in range(0, len(jobs), CHUNK):
             chunk = jobs[start : start + CHUNK]

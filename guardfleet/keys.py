@@ -21,6 +21,13 @@ TASK_DELIVER = "guardfleet.deliver_webhook"
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
 
+# Fleet-wide counters, one hash: `jobs_ended:<status>`, `batch_items:<state>`,
+# `webhook_attempts:<outcome>`, `webhook_deliveries:<final status>`. Each is bumped by the very
+# script or transaction that makes the change, so a change is counted exactly once whichever
+# process makes it; the API serves them as Prometheus counters (`api.metrics`).
+STATS = f"{PREFIX}:stats"
+
+
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout for Redis calls")
     result_ttl_s: int = Field(86_400, ge=1, description="how long jobs and results are kept")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per line, with request, job and worker ids"
+    )
 
     # --- model / worker ---------------------------------------------------------------------
     model: str = Field(DEMO_MODEL, description="'demo', a Hugging Face id, or a local path")

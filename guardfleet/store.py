@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
 from guardfleet import streams
-from guardfleet.keys import OPEN_JOBS, job_channel, job_key, job_stream
+from guardfleet.keys import OPEN_JOBS, STATS, job_channel, job_key, job_stream
 from guardfleet.schemas import Job, JobStatus
 
 # Shared by the scripts below: a watched job's status changes also go to its stream.
@@ -73,8 +73,9 @@ return note_status(KEYS[1], KEYS[4], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
 """
 )
 
-# KEYS: job, channel, open index, stream. ARGV: doc, new (final) status, allowed-from statuses,
-# ttl, required current attempt ('' = any), job id, stream maxlen, stream ttl.
+# KEYS: job, channel, open index, stream, fleet counters. ARGV: doc, new (final) status,
+# allowed-from statuses, ttl, required current attempt ('' = any), job id, stream maxlen,
+# stream ttl.
 _END = (
     _NOTE_STATUS
     + """
@@ -86,6 +87,7 @@ redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[6])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[5], 'jobs_ended:' .. ARGV[2], 1)
 note_status(KEYS[1], KEYS[4], ARGV[2], h[2], ARGV[7], ARGV[8])
 return 1
 """
@@ -112,7 +114,7 @@ class TransitionRefused(Exception):
 
 def _end_args(job: Job, ttl_s: int, required_attempt: int | None) -> tuple[list[str], list[Any]]:
     allowed = ",".join(s.value for s in ALLOWED_FROM[job.status])
-    return [job_key(job.id), job_channel(job.id), OPEN_JOBS, job_stream(job.id)], [
+    return [job_key(job.id), job_channel(job.id), OPEN_JOBS, job_stream(job.id), STATS], [
         job.model_dump_json(),
         job.status.value,
         allowed,

@@ -34,6 +34,7 @@ from standardwebhooks.webhooks import Webhook
 
 from guardfleet.keys import (
     QUEUE_WEBHOOKS,
+    STATS,
     TASK_DELIVER,
     WEBHOOKS_DUE,
     delivery_key,
@@ -103,11 +104,15 @@ class DeliveryStore:
         raw = self.client.get(delivery_key(resource_id))
         return None if raw is None else StoredDelivery.model_validate_json(raw)
 
-    def settle(self, resource_id: str, delivery: StoredDelivery) -> None:
+    def settle(self, resource_id: str, delivery: StoredDelivery, outcome: str) -> None:
         """Save the delivery after an attempt and, in the same transaction, move its due entry
-        to the next attempt's time or drop it when there is none."""
+        to the next attempt's time or drop it when there is none, and count the attempt (and
+        the delivery, once it has ended)."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(delivery_key(resource_id), delivery.model_dump_json(), ex=self.ttl_s)
+            pipe.hincrby(STATS, f"webhook_attempts:{outcome}", 1)
+            if delivery.status != "pending":
+                pipe.hincrby(STATS, f"webhook_deliveries:{delivery.status}", 1)
             if delivery.next_attempt_at is not None:
                 pipe.zadd(WEBHOOKS_DUE, {resource_id: delivery.next_attempt_at.timestamp()})
                 pipe.expire(WEBHOOKS_DUE, self.ttl_s)  # outlive the record just saved

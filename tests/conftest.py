@@ -223,6 +223,7 @@ def queue_backlog(redis_url: str, prompts: list[str]) -> tuple[JobStore, list[st
 class ApiServer:
     url: str
     process: subprocess.Popen[bytes]
+    log: Path
 
 
 def db_url(server: RedisServer, db: int) -> str:
@@ -258,7 +259,7 @@ def start_api(
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        server = ApiServer(f"http://127.0.0.1:{port}", proc)
+        server = ApiServer(f"http://127.0.0.1:{port}", proc, log)
         servers.append(server)
         import httpx
 

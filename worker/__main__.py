@@ -6,10 +6,10 @@ One process per GPU: run this once per device (`ops/run_fleet.sh` does that for 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
 
+from guardfleet import logs
 from guardfleet.keys import GPU_QUEUES
 
 
@@ -23,9 +23,6 @@ def main() -> None:
     parser.add_argument("--queues", default=",".join(GPU_QUEUES), help="in priority order")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=args.loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
-    )
     if args.device:
         os.environ["GUARDFLEET_DEVICE"] = args.device
     from guardfleet.settings import get_settings  # after the environment is final
@@ -33,11 +30,28 @@ def main() -> None:
 
     device = str(resolve_device(get_settings().device))  # name it after what "auto" chose
     name = args.name or f"worker-{device.replace(':', '')}@{socket.gethostname()}"
+    log_format = get_settings().log_format
+    logs.configure(log_format, args.loglevel, worker=name)
+    if log_format == "json":
+        quiet_libraries()
     from worker.celery_app import app
     from worker.consume import run_worker
 
     queues = [q for q in args.queues.split(",") if q]
-    raise SystemExit(run_worker(app, name=name, queues=queues, loglevel=args.loglevel))
+    raise SystemExit(
+        run_worker(
+            app, name=name, queues=queues, loglevel=args.loglevel, quiet=log_format == "json"
+        )
+    )
+
+
+def quiet_libraries() -> None:
+    """JSON logs: transformers' records through our handler, no progress bars on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.disable_progress_bar()  # huggingface_hub's (downloads) too
 
 
 if __name__ == "__main__":

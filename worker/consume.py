@@ -13,12 +13,16 @@ from collections.abc import Sequence
 from celery import Celery
 
 
-def run_worker(app: Celery, *, name: str, queues: Sequence[str], loglevel: str) -> int:
+def run_worker(
+    app: Celery, *, name: str, queues: Sequence[str], loglevel: str, quiet: bool = False
+) -> int:
+    """`quiet` leaves out Celery's start-up banner (plain text, for people)."""
     worker = app.Worker(
         hostname=name,
         queues=list(queues),
         loglevel=loglevel.upper(),
         without_gossip=True,
+        quiet=quiet,
     )
     worker.start()
     return int(worker.exitcode or 0)

@@ -24,6 +24,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from guardfleet import logs
 from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import utcnow
@@ -59,6 +60,12 @@ _stop = threading.Event()
 
 @app.task(name=TASK_DELIVER)
 def deliver_webhook(resource_id: str) -> None:
+    kind = "batch_id" if resource_id.startswith("batch_") else "job_id"
+    with logs.scope(**{kind: resource_id}):
+        _deliver_locked(resource_id)
+
+
+def _deliver_locked(resource_id: str) -> None:
     token = uuid.uuid4().hex
     # Longer than one attempt can take; a holder that died releases it by expiry.
     if not _store.lock(resource_id, token, 2 * _settings.webhook_timeout_s + 10):
@@ -81,7 +88,7 @@ def _deliver(resource_id: str) -> None:
         return
     outcome = attempt(delivery, _settings, _http)
     delivery = record(delivery, outcome, _settings, _rng)
-    _store.settle(resource_id, delivery)
+    _store.settle(resource_id, delivery, outcome.status)
     log.info(
         "webhook %s to %s: attempt %d %s (%s)",
         delivery.webhook_id,
@@ -117,11 +124,15 @@ def main() -> None:
     parser.add_argument("--name", default=f"webhooks@{socket.gethostname()}")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=args.loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
-    )
+    logs.configure(_settings.log_format, args.loglevel, worker=args.name)
     raise SystemExit(
-        run_worker(app, name=args.name, queues=[QUEUE_WEBHOOKS], loglevel=args.loglevel)
+        run_worker(
+            app,
+            name=args.name,
+            queues=[QUEUE_WEBHOOKS],
+            loglevel=args.loglevel,
+            quiet=_settings.log_format == "json",
+        )
     )
 
 

@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from guardfleet.prompts import END_OF_TURN
 from guardfleet.settings import DEMO_MODEL, Settings
+from worker import metrics
 from worker.graphs import DecodeGraphs
 from worker.kv import GROWTH, RowCache
 from worker.sampling import Picker, Plan, Sampling, generator_for, label_token_ids
@@ -263,7 +264,11 @@ class Engine:
         for row, tail in enumerate(tails):
             ids[row, width - len(tail) :] = torch.tensor(tail)
             positions[row, width - len(tail) :] = torch.arange(len(prefix), len(prefix) + len(tail))
+        if self.reuse_prefix:
+            metrics.PREFIX_QUERIES.inc(sum(len(r.prompt_ids) for r in requests))
         if prefix:
+            computed = prefix not in self._prefix_kv
+            metrics.PREFIX_HITS.inc(len(prefix) * (len(requests) - computed))
             cache = self._prefix_cache(prefix).repeat(len(requests), width)
         else:
             cache = self._new_cache(len(requests), width)

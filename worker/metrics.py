@@ -39,6 +39,14 @@ END_TO_END = Histogram(
 )
 PROMPT_TOKENS = Counter("guardfleet_prompt_tokens", "prompt tokens prefilled")
 GENERATION_TOKENS = Counter("guardfleet_generation_tokens", "tokens generated")
+# In tokens, as vLLM counts them: hits / queries is the share of prompt tokens not recomputed.
+PREFIX_QUERIES = Counter(
+    "guardfleet_prefix_cache_queries", "prompt tokens looked up in the shared-prefix cache"
+)
+PREFIX_HITS = Counter(
+    "guardfleet_prefix_cache_hits",
+    "prompt tokens served from a shared prefix computed once (cached, or for the whole group)",
+)
 FINISHED = Counter(
     "guardfleet_request_finish",
     "requests ended, by reason: stop, length, cancelled, or the error type "

@@ -21,7 +21,7 @@ from typing import TypeVar
 import redis
 import torch
 
-from guardfleet import batches, webhooks
+from guardfleet import batches, logs, webhooks
 from guardfleet.errors import GuardfleetError
 from guardfleet.keys import QUEUE_BULK
 from guardfleet.schemas import Batch, BatchStatus, Job, JobError, JobStatus, utcnow
@@ -123,10 +123,13 @@ class WorkerService:
     def run(self, job_id: str, task_id: str, gen: int, lane: str | None = None) -> None:
         """Run one job to its end for the message (`task_id`, `gen`); raises a `HandBack`
         when it must be tried again. Bulk-lane jobs yield to interactive ones in the batcher."""
-        started = self._start(job_id, task_id, gen)
-        if started is None:
-            return
-        job, watched = started
+        with logs.scope(job_id=job_id):
+            started = self._start(job_id, task_id, gen)
+            if started is not None:
+                with logs.scope(batch_id=started[0].batch_id):
+                    self._run(*started, lane)
+
+    def _run(self, job: Job, watched: bool, lane: str | None) -> None:
         began = time.monotonic()
         cancel = threading.Event()
         tap = self.publisher.open(job.id, job.attempts, watched)
@@ -256,6 +259,7 @@ class WorkerService:
             return
         with self._done_lock:
             self._done += 1
+        log.info("job %s %s (attempt %d)", done.id, done.status.value, done.attempts)
         self._redis("announcing the result", lambda: self._announce_end(done))
 
     def _announce_stored(self, job_id: str) -> bool:

@@ -161,6 +161,9 @@ async def _create(res: Resources, batch: Batch, items: list[BatchItem]) -> None:
     try:
         await run_in_threadpool(publish_jobs, res.celery, [j.id for j in batch_jobs], QUEUE_BULK)
         metrics.ACCEPTED.labels(QUEUE_BULK).inc(len(batch_jobs))
+        log.info(
+            "batch %s: %d jobs queued", batch.id, len(batch_jobs), extra={"batch_id": batch.id}
+        )
     except Exception as exc:
         # Some jobs may be queued, others not: cancel what is still queued, so nothing waits
         # forever, and tell the client to resubmit.

@@ -348,10 +348,14 @@ def test_cpu_profile_comes_up_and_serves_every_kind_of_request(stack: Stack) -> 
     assert all(json.loads(r)["status"] == "succeeded" for r in results)
 
 
-def test_flower_wants_credentials(stack: Stack) -> None:
+def test_flower_wants_credentials_but_its_metrics_scrape_without(stack: Stack) -> None:
     assert httpx.get(f"{FLOWER}/", timeout=10).status_code == 401
     assert httpx.get(f"{FLOWER}/", auth=("fleet", "wrong"), timeout=10).status_code == 401
     assert httpx.get(f"{FLOWER}/", auth=FLOWER_AUTH, timeout=10).status_code == 200
+    # ops/monitoring/prometheus.yml scrapes it so, with no credentials configured.
+    metrics = httpx.get(f"{FLOWER}/metrics", timeout=10)
+    assert metrics.status_code == 200
+    assert "flower_events_total" in metrics.text
 
 
 def ready_names() -> list[str]:

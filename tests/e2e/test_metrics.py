@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ApiServer, StartWorker, free_port
+from tests.conftest import ApiServer, StartWorker, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 StartApi = Callable[..., ApiServer]
@@ -40,12 +41,22 @@ def test_the_api_and_a_worker_report_what_happened(
     api = start_api(db=db)
     with httpx.Client(base_url=api.url, timeout=60) as http:
         waiting = http.post("/v1/jobs", json={"prompt": "How do I plant tulips?"}).json()
+        dropped = http.post("/v1/jobs", json={"prompt": "How do I prune roses?"}).json()
+        assert http.post(f"/v1/jobs/{dropped['id']}/cancel").status_code == 200
+        lines = "".join(
+            json.dumps({"custom_id": str(n), "prompt": f"What grows well in pots, {n}?"}) + "\n"
+            for n in range(2)
+        )
+        batch = http.post("/v1/batches", content=lines).json()
         time.sleep(1.2)
         before = scrape(f"{api.url}/v1/metrics")  # no worker yet: the job waits on its lane
-        assert value(before, "guardfleet_queue_depth", lane="bulk") == 1
+        assert value(before, "guardfleet_queue_depth", lane="bulk") == 4  # cancelled one too
         assert value(before, "guardfleet_queue_oldest_age_seconds", lane="bulk") >= 1.0
         assert value(before, "guardfleet_queue_depth", lane="interactive") == 0
-        assert value(before, "guardfleet_jobs_accepted_total", lane="bulk") == 1
+        assert value(before, "guardfleet_jobs_accepted_total", lane="bulk") == 4
+        assert value(before, "guardfleet_jobs_finished_total", status="cancelled") == 1
+        assert value(before, "guardfleet_jobs_finished_total", status="succeeded") == 0
+        assert value(before, "guardfleet_batch_items_total", state="accepted") == 2
 
         port = free_port()
         start_worker("measured@test", db=db, GUARDFLEET_WORKER_METRICS_PORT=str(port))
@@ -56,6 +67,11 @@ def test_the_api_and_a_worker_report_what_happened(
         assert (
             http.post("/v1/classify", json={"prompt": "How do I steal a car?"}).status_code == 200
         )
+        wait_until(
+            lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
+            60,
+            "the batch to complete",
+        )
 
     after = scrape(f"{api.url}/metrics")
     assert value(after, "guardfleet_queue_depth", lane="bulk") == 0
@@ -65,7 +81,7 @@ def test_the_api_and_a_worker_report_what_happened(
         value(
             after, "guardfleet_http_requests_total", route="/v1/jobs", method="POST", status="202"
         )
-        == 1
+        == 2
     )
     assert (
         value(
@@ -78,12 +94,21 @@ def test_the_api_and_a_worker_report_what_happened(
         == 1
     )
     assert value(after, "guardfleet_sync_request_duration_seconds_count", route="/v1/classify") == 1
+    assert value(after, "guardfleet_jobs_finished_total", status="succeeded") == 4
+    assert value(after, "guardfleet_jobs_finished_total", status="cancelled") == 1
+    assert value(after, "guardfleet_jobs_finished_total", status="failed") == 0
+    assert value(after, "guardfleet_batch_items_total", state="completed") == 2
+    assert value(after, "guardfleet_webhook_attempts_total", outcome="delivered") == 0
 
     worker = scrape(f"http://127.0.0.1:{port}/metrics")
-    assert value(worker, "guardfleet_request_finish_total", reason="stop") == 2
-    assert value(worker, "guardfleet_e2e_request_latency_seconds_count") == 2
-    assert value(worker, "guardfleet_time_to_first_token_seconds_count") == 2
-    assert value(worker, "guardfleet_batch_size_count") == 2
+    assert value(worker, "guardfleet_request_finish_total", reason="stop") == 4
+    assert value(worker, "guardfleet_e2e_request_latency_seconds_count") == 4
+    assert value(worker, "guardfleet_time_to_first_token_seconds_count") == 4
+    assert value(worker, "guardfleet_batch_size_count") == 4
+    # Four prompts under the one default policy: its taxonomy prefix is computed once (at the
+    # warm-up or the first job) and served from the cache to every one of them.
+    queried = value(worker, "guardfleet_prefix_cache_queries_total")
+    assert value(worker, "guardfleet_prefix_cache_hits_total") > queried / 2
     assert value(worker, "guardfleet_prompt_tokens_total") > 100  # the taxonomy alone is longer
     assert value(worker, "guardfleet_generation_tokens_total") >= 4
     assert value(worker, "guardfleet_num_requests_running") == 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from api.main import create_app
@@ -201,6 +202,36 @@ def test_a_completed_batch_is_announced(api: TestClient, receiver: Receiver) -> 
         "cancelled": 0,
     }
     assert done["status"] == "completed"
+
+
+def counted(api: TestClient) -> dict[str, float]:
+    """The fleet's webhook counters, as the API serves them to Prometheus."""
+    text = api.get("/v1/metrics").text
+    return {
+        f"{sample.name}:{next(iter(sample.labels.values()))}": sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("guardfleet_webhook_")
+    }
+
+
+def test_every_attempt_and_every_ended_delivery_is_counted(
+    api: TestClient, receiver: Receiver
+) -> None:
+    before = counted(api)
+    receiver.script[:] = [(500, {}), (410, {})]
+    first = api.post("/v1/jobs", json={"prompt": "hello", "callback_url": receiver.url + "/count"})
+    wait_webhook(api, f"/v1/jobs/{first.json()['id']}", "gone")
+    second = api.post("/v1/jobs", json={"prompt": "hi", "callback_url": receiver.url + "/count"})
+    wait_webhook(api, f"/v1/jobs/{second.json()['id']}", "delivered")
+    after = counted(api)
+    assert {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k)} == {
+        "guardfleet_webhook_attempts_total:retry": 1,
+        "guardfleet_webhook_attempts_total:gone": 1,
+        "guardfleet_webhook_attempts_total:delivered": 1,
+        "guardfleet_webhook_deliveries_total:gone": 1,
+        "guardfleet_webhook_deliveries_total:delivered": 1,
+    }
 
 
 def test_callbacks_to_private_addresses_are_refused_at_submit(fleet: Settings) -> None:

@@ -261,3 +261,18 @@ def test_numbers_and_booleans_are_not_coerced(
 def test_a_whole_float_is_an_integer_as_in_json_schema(client: TestClient) -> None:
     response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 5.0, "seed": 2.0})
     assert response.status_code == 503, response.text  # past validation, to Redis (down here)
+
+
+def test_an_unexpected_error_is_a_500_envelope_naming_the_request_id(client: TestClient) -> None:
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    client.app.add_api_route("/broken", broken)  # type: ignore[attr-defined]
+    with TestClient(client.app, raise_server_exceptions=False) as raw:
+        answer = raw.get("/broken", headers={"X-Request-ID": "support-ticket-0000000001"})
+    assert answer.status_code == 500
+    assert answer.headers["X-Request-ID"] == "support-ticket-0000000001"
+    error = answer.json()["error"]
+    assert error["code"] == "internal_error"
+    assert error["message"] == "internal server error (request id support-ticket-0000000001)"
+    assert "a bug" not in answer.text
