@@ -533,7 +533,7 @@ def run_verdicts(requests: list[ClassifyRequest], batch: int = 25) -> list[Verdi
         prepared = [prepare(r, engine, settings) for r in chunk]
         results = engine.generate(prepared)
         for req, gen, res in zip(chunk, prepared, results, strict=True):
-            timed = Timed(res, len(gen.prompt_ids), len(chunk), 0.0, 0.0)
+            timed = Timed(res, len(gen.prompt_ids), len(chunk), 0.0, 0.0, 0.0)
             verdict = interpret(req, timed, engine, settings)
             assert isinstance(verdict, Verdict)
             verdicts.append(verdict)

@@ -31,6 +31,12 @@ QUEUE = Histogram(
 INFERENCE = Histogram(
     "guardfleet_request_inference_time_seconds", "prefill -> last token", buckets=_SECONDS
 )
+PREFILL = Histogram(
+    "guardfleet_request_prefill_time_seconds", "prefill -> first token", buckets=_SECONDS
+)
+DECODE = Histogram(
+    "guardfleet_request_decode_time_seconds", "first token -> last token", buckets=_SECONDS
+)
 FIRST_TOKEN = Histogram(
     "guardfleet_time_to_first_token_seconds", "job started -> first token", buckets=_SECONDS
 )

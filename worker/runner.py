@@ -36,8 +36,9 @@ class Timed:
     result: GenResult
     prompt_tokens: int
     batch_size: int  # rows in the running set when this one joined it
-    queue_wait_ms: float
-    inference_ms: float
+    queue_wait_ms: float  # waiting to be admitted
+    inference_ms: float  # admitted -> last token
+    prefill_ms: float  # admitted -> first token (prefill chunks, and decode steps between them)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class _Work:
     request: GenRequest
     future: Future[Timed]
     admitted_at: float = 0.0
+    prefilled_at: float = 0.0
     batch_size: int = 0
 
 
@@ -192,7 +194,9 @@ class Runner:
 
     def _join(self, batch: Batch | None, work: Prefill) -> Batch:
         joined = self.engine.join(batch, work)
+        now = time.monotonic()
         for row in work.rows:
+            self._live[row].item.prefilled_at = now
             if row.finish is None:  # it joined
                 self._live[row].item.batch_size = len(joined.rows)
         self._finish([r for r in work.rows if r.finish is not None], len(joined.rows))
@@ -223,6 +227,7 @@ class Runner:
                 work.batch_size or batch_size,
                 (work.admitted_at - item.enqueued_at) * 1000.0,
                 (now - work.admitted_at) * 1000.0,
+                ((work.prefilled_at or now) - work.admitted_at) * 1000.0,
             )
             _settle(work.future, row.error or timed)
 

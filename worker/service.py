@@ -308,6 +308,8 @@ def _observe(timed: Timed, tap: Tap, began: float, reason: str) -> None:
     metrics.BATCH.observe(timed.batch_size)
     metrics.QUEUE.observe(timed.queue_wait_ms / 1000)
     metrics.INFERENCE.observe(timed.inference_ms / 1000)
+    metrics.PREFILL.observe(timed.prefill_ms / 1000)
+    metrics.DECODE.observe((timed.inference_ms - timed.prefill_ms) / 1000)
     metrics.PROMPT_TOKENS.inc(timed.prompt_tokens)
     metrics.GENERATION_TOKENS.inc(len(timed.result.token_ids))
     if tap.first_at is not None:

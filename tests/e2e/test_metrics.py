@@ -105,6 +105,11 @@ def test_the_api_and_a_worker_report_what_happened(
     assert value(worker, "guardfleet_e2e_request_latency_seconds_count") == 4
     assert value(worker, "guardfleet_time_to_first_token_seconds_count") == 4
     assert value(worker, "guardfleet_batch_size_count") == 4
+    for stage in ("queue", "prefill", "decode", "inference"):
+        assert value(worker, f"guardfleet_request_{stage}_time_seconds_count") == 4
+    assert value(worker, "guardfleet_request_prefill_time_seconds_sum") <= value(
+        worker, "guardfleet_request_inference_time_seconds_sum"
+    )
     # Four prompts under the one default policy: its taxonomy prefix is computed once (at the
     # warm-up or the first job) and served from the cache to every one of them.
     queried = value(worker, "guardfleet_prefix_cache_queries_total")

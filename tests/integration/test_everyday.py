@@ -62,7 +62,7 @@ def classify(engine: Engine, requests: list[ClassifyRequest], batch: int = 25) -
         prepared = [prepare(r, engine, settings) for r in chunk]
         for req, gen, res in zip(chunk, prepared, engine.generate(prepared), strict=True):
             verdict = interpret(
-                req, Timed(res, len(gen.prompt_ids), len(chunk), 0, 0), engine, settings
+                req, Timed(res, len(gen.prompt_ids), len(chunk), 0, 0, 0), engine, settings
             )
             assert isinstance(verdict, Verdict)
             verdicts.append(verdict)
