@@ -20,9 +20,12 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import request_ids
-
 log = logging.getLogger(__name__)
+
+# Set by `api.request_ids` on every request; read here by the 500 handler, which runs outside
+# that middleware.
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_SCOPE_KEY = "guardfleet.request_id"
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -180,13 +183,13 @@ async def _redis_refused(_: Request, exc: Exception) -> JSONResponse:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Runs outside the request-id middleware (Starlette answers 500s last), so the id comes
     # from the scope, where that middleware left it.
-    request_id = request.scope.get(request_ids.SCOPE_KEY, "")
+    request_id = request.scope.get(REQUEST_ID_SCOPE_KEY, "")
     log.exception("unhandled error", exc_info=exc, extra={"request_id": request_id})
     return error_response(
         500,
         f"internal server error (request id {request_id})",
         code="internal_error",
-        headers={request_ids.HEADER: request_id},
+        headers={REQUEST_ID_HEADER: request_id},
     )
 
 

@@ -14,8 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.deps import Resources, require_api_key
-from api.metrics import CountRequests
-from api.request_ids import RequestIds
+from api.request_ids import ObserveRequests
 from api.routes import batches, chat, health, jobs
 from guardfleet import logs
 from guardfleet.batches import AsyncBatchStore
@@ -110,14 +109,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             responses=errors.responses(401),
         )
     app.include_router(health.router)
-    app.add_middleware(CountRequests)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         max_batch_bytes=settings.max_batch_body_bytes,
     )
-    # Outermost, so every answer (413s included) carries the id and every line logs it.
-    app.add_middleware(RequestIds, access_log=settings.log_format == "json")
+    # Outermost, so every answer (413s included) carries the id and is counted, and every line
+    # logs the id.
+    app.add_middleware(ObserveRequests, access_log=settings.log_format == "json")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

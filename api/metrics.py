@@ -20,7 +20,6 @@ from typing import ClassVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Resources
 from api.readiness import ready_workers
@@ -150,30 +149,9 @@ async def _age(res: Resources, message: bytes | None) -> float:
     return max(0.0, time.time() - created.timestamp())
 
 
-class CountRequests:
-    """ASGI middleware: every answer counted by route template (not raw path: ids would make a
-    series per job), and sync calls timed."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status = 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
-            if route in SYNC_ROUTES:
-                SYNC_SECONDS.labels(route).observe(time.monotonic() - started)
+def record_request(route: str, method: str, status: int, seconds: float) -> None:
+    """Count an answer by route template (not raw path: ids would make a series per job), and
+    time sync calls."""
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    if route in SYNC_ROUTES:
+        SYNC_SECONDS.labels(route).observe(seconds)

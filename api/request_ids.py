@@ -1,5 +1,6 @@
-"""X-Request-ID: taken from the caller or made here, returned on every answer, and written on
-every log line of the request (see `guardfleet.logs`).
+"""Every request observed once, outermost: its X-Request-ID (taken from the caller or made
+here, returned on every answer, written on every log line of the request: `guardfleet.logs`),
+its metrics (`api.metrics`), and, with JSON logs, its access line.
 
 A caller's id is used when it looks like one: 20 to 200 characters of letters, digits and
 `+/=@-_.:` (Heroku's rule, widened by `_.:`); anything else is replaced, never refused, since a
@@ -16,10 +17,12 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import metrics
+from api.errors import REQUEST_ID_HEADER, REQUEST_ID_SCOPE_KEY
 from guardfleet import logs
 
-HEADER = "X-Request-ID"
-SCOPE_KEY = "guardfleet.request_id"  # for handlers that run outside this middleware (500s)
+HEADER = REQUEST_ID_HEADER
+SCOPE_KEY = REQUEST_ID_SCOPE_KEY
 _VALID = re.compile(r"[A-Za-z0-9+/=@\-_.:]{20,200}")
 
 access = logging.getLogger("api.access")
@@ -29,7 +32,7 @@ def choose(sent: str | None) -> str:
     return sent if sent is not None and _VALID.fullmatch(sent) else uuid.uuid4().hex
 
 
-class RequestIds:
+class ObserveRequests:
     """ASGI middleware; with `access_log`, one line per answered request (JSON logs replace
     uvicorn's access lines with these)."""
 
@@ -58,6 +61,10 @@ class RequestIds:
             try:
                 await self.app(scope, receive, sending)
             finally:
+                seconds = time.monotonic() - started
+                # The route template, once routing has run (a 413 from BodyLimit never gets one).
+                route = getattr(scope.get("route"), "path", "unmatched")
+                metrics.record_request(route, scope["method"], status, seconds)
                 if self.access_log:
                     access.info(
                         "%s %s %d",
@@ -68,6 +75,6 @@ class RequestIds:
                             "method": scope["method"],
                             "path": scope["path"],
                             "status": status,
-                            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                            "duration_ms": round(seconds * 1000, 1),
                         },
                     )
