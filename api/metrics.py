@@ -121,7 +121,7 @@ async def render(res: Resources) -> bytes:
             pipe.lindex(lane, -1)  # the oldest: producers push on the left
         pipe.hgetall(STATS)
         found = await pipe.execute()
-    FLEET_TOTALS.values = {_text(k): float(v) for k, v in found.pop().items()}
+    FLEET_TOTALS.values = {k.decode(): float(v) for k, v in found.pop().items()}
     for lane, depth in zip(lanes, found, strict=False):
         QUEUE_DEPTH.labels(lane).set(int(depth))
     for lane, message in zip(GPU_QUEUES, found[len(lanes) :], strict=True):
@@ -130,10 +130,6 @@ async def render(res: Resources) -> bytes:
     for device, count in Tally(w.device for w in await ready_workers(res)).items():
         WORKERS_READY.labels(device).set(count)
     return generate_latest(REGISTRY)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _age(res: Resources, message: bytes | None) -> float:

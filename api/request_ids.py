@@ -21,8 +21,6 @@ from api import metrics
 from api.errors import REQUEST_ID_HEADER, REQUEST_ID_SCOPE_KEY
 from guardfleet import logs
 
-HEADER = REQUEST_ID_HEADER
-SCOPE_KEY = REQUEST_ID_SCOPE_KEY
 _VALID = re.compile(r"[A-Za-z0-9+/=@\-_.:]{20,200}")
 
 access = logging.getLogger("api.access")
@@ -44,9 +42,9 @@ class ObserveRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent = dict(scope["headers"]).get(HEADER.lower().encode())
+        sent = dict(scope["headers"]).get(REQUEST_ID_HEADER.lower().encode())
         request_id = choose(sent.decode("latin-1") if sent is not None else None)
-        scope[SCOPE_KEY] = request_id
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
         started = time.monotonic()
         status = 500
 
@@ -54,7 +52,7 @@ class ObserveRequests:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)[HEADER] = request_id
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
         with logs.scope(request_id=request_id):

@@ -24,7 +24,6 @@ from typing import Literal
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["text", "json"]
-FIELDS = ("request_id", "job_id", "batch_id", "worker")
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
 
 _ids: ContextVar[dict[str, str]] = ContextVar("guardfleet_log_ids")
@@ -39,10 +38,6 @@ def scope(**ids: str | None) -> Iterator[None]:
         yield
     finally:
         _ids.reset(token)
-
-
-def current(name: str) -> str | None:
-    return _ids.get({}).get(name) or _process.get(name)
 
 
 class _WithIds(logging.Filter):
