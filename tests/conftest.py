@@ -24,7 +24,7 @@ import redis
 from guardfleet.queueing import make_celery, publish_jobs, queue_for
 from guardfleet.schemas import ClassifyRequest, Job
 from guardfleet.settings import Settings
-from guardfleet.store import JobStore
+from guardfleet.store import STALE_S, JobStore
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -208,10 +208,13 @@ def live_worker(shared_worker: Worker, redis_server: RedisServer) -> Worker:
     return shared_worker
 
 
-def queue_backlog(redis_url: str, prompts: list[str]) -> tuple[JobStore, list[str]]:
-    """Create jobs and put them on the bulk lane directly (no API): a backlog for a worker."""
+def queue_backlog(
+    redis_url: str, prompts: list[str], stale_s: float = STALE_S
+) -> tuple[JobStore, list[str]]:
+    """Create jobs and put them on the bulk lane directly (no API): a backlog for a worker.
+    Each is published again if not finished `stale_s` after it was queued."""
     settings = Settings(redis_url=redis_url)
-    store = JobStore(redis.Redis.from_url(redis_url), ttl_s=3600)
+    store = JobStore(redis.Redis.from_url(redis_url), ttl_s=3600, stale_s=stale_s)
     jobs = [Job(request=ClassifyRequest(prompt=prompt)) for prompt in prompts]
     for job in jobs:
         store.create(job, queue_for(False))

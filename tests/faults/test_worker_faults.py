@@ -5,9 +5,12 @@ that took over, and none is failed by the fault."""
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
+import redis
 
+from guardfleet.keys import QUEUE_BULK, job_key
 from guardfleet.schemas import JobStatus
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore
@@ -86,3 +89,57 @@ def test_a_broken_model_thread_takes_its_worker_out_of_the_fleet(
     assert JobStatus.SUCCEEDED not in statuses
     assert JobStatus.FAILED not in statuses, "a broken model thread must not fail jobs"
     _rescue(start_worker, db, store, ids)
+
+
+def _waiting_in_brpop(client: redis.Redis, db: int) -> bool:
+    """Whether a consumer on `db` is blocked in BRPOP right now (Redis's view of it)."""
+    return any(
+        c["cmd"] == "brpop" and "b" in c["flags"] and int(c["db"]) == db
+        for c in client.client_list()
+    )
+
+
+@pytest.mark.timeout(200)
+def test_a_message_on_its_way_to_a_killed_worker_is_published_again(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """A worker with room for work keeps a BRPOP waiting in Redis. A message Redis hands it is
+    then in no queue, and not yet in the unacknowledged set until the worker reads the reply: a
+    worker killed in between takes the message with it, and the visibility timeout cannot bring
+    it back. The worker is frozen (SIGSTOP) so that it never reads the reply, then killed; only
+    the stale-job sweep runs the job."""
+    db = 38
+    url = db_url(redis_server, db)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    env = {**ENV, "GUARDFLEET_JOB_STALE_S": "3"}  # the deadline of the jobs it re-publishes
+    doomed = start_worker("in-flight@test", db=db, **env)
+    job_id = ""
+    for _ in range(10):
+        doomed.process.send_signal(signal.SIGSTOP)
+        # Its BRPOP times out after 1 s; publish only while one is still waiting.
+        if _waiting_in_brpop(client, db):
+            store, [job_id] = queue_backlog(url, ["How do I plant tomatoes?"], stale_s=3)
+            try:
+                wait_until(lambda: client.llen(QUEUE_BULK) == 0, 2, "the frozen worker's BRPOP")
+                break
+            except AssertionError:
+                pass  # the BRPOP had just timed out; the job runs once the worker goes on
+        doomed.process.send_signal(signal.SIGCONT)
+        time.sleep(0.3)
+    else:
+        pytest.fail("never caught the worker waiting in BRPOP")
+    doomed.kill(signal.SIGKILL)
+
+    job = store.get(job_id)
+    assert job is not None and job.status is JobStatus.QUEUED
+    # Neither queued nor unacknowledged (its headers name the job: `argsrepr`).
+    assert client.llen(QUEUE_BULK) == 0
+    assert not any(job_id in message for message in client.hvals("unacked"))
+    start_worker(f"rescuer-{db}@test", db=db, **env)
+    wait_until(
+        lambda: (j := store.get(job_id)) is not None and j.status is JobStatus.SUCCEEDED,
+        120,
+        "the lost job to succeed on the rescuer",
+    )
+    assert client.hget(job_key(job_id), "gen") == "2", "not the sweep's message that ran it"
