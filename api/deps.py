@@ -13,6 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import APIError
+from api.waiters import Waiters
 from guardfleet.batches import AsyncBatchStore
 from guardfleet.settings import Settings
 from guardfleet.ssrf import AllowList
@@ -29,6 +30,7 @@ class Resources:
     batches: AsyncBatchStore
     celery: Celery
     allow: AllowList
+    waiters: Waiters
     ready_until: float = 0.0  # monotonic time until which "a worker is ready" is trusted
     ready_interactive: int = 0  # how many ready workers serve the interactive lane, as then
     # Each lane's backlog and when it was read (api.backpressure).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, TypeVar
 
@@ -91,20 +92,20 @@ async def submit(res: Resources, job: Job, interactive: bool, watch: bool = Fals
 async def wait_for(res: Resources, job_id: str, timeout_s: float) -> Job | None:
     """Return the job once it is terminal or `timeout_s` has passed (None if it does not exist).
 
-    Subscribes before reading, so a status change between the two is never lost.
+    Subscribes (through the process's shared subscriber) before reading, so a status change
+    between the two is never lost.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with res.redis.pubsub() as pubsub:
-        await pubsub.subscribe(job_channel(job_id))
+    async with res.waiters.watch(job_channel(job_id)) as changed:
         job = await res.store.get(job_id)
         while job is not None and not job.status.terminal:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            await pubsub.get_message(
-                ignore_subscribe_messages=True, timeout=min(remaining, _RECHECK_S)
-            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, _RECHECK_S))
+            changed.clear()  # before the read: a change after it wakes us again
             job = await res.store.get(job_id)
         return job
 

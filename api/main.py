@@ -16,6 +16,7 @@ from api import errors
 from api.deps import Resources, require_api_key
 from api.request_ids import ObserveRequests
 from api.routes import batches, chat, health, jobs
+from api.waiters import Waiters
 from guardfleet import logs
 from guardfleet.batches import AsyncBatchStore
 from guardfleet.queueing import make_celery
@@ -23,6 +24,8 @@ from guardfleet.schemas import BatchItem
 from guardfleet.settings import Settings, get_settings
 from guardfleet.ssrf import AllowList
 from guardfleet.store import AsyncJobStore
+
+REDIS_CLIENT_NAME = "guardfleet-api"
 
 
 class BodyLimit:
@@ -77,11 +80,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(
+        # Bounded: a burst of requests queues for a connection instead of opening one each.
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
+            client_name=REDIS_CLIENT_NAME,  # tells the API's connections apart in CLIENT LIST
         )
+        client = aioredis.Redis.from_pool(pool)
         ttl = settings.result_ttl_s
         app.state.resources = Resources(
             settings,
@@ -90,10 +98,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             AsyncBatchStore(client, ttl, settings.job_stale_s),
             make_celery(settings),
             AllowList(settings.webhook_allow),
+            Waiters(client, settings.redis_timeout_s),
         )
+        await app.state.resources.waiters.start()
         try:
             yield
         finally:
+            await app.state.resources.waiters.aclose()
             await client.aclose()
 
     app = FastAPI(

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     # --- shared -----------------------------------------------------------------------------
     redis_url: str = "redis://localhost:6379/0"
     redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout for Redis calls")
+    redis_max_connections: int = Field(
+        100,
+        ge=4,
+        description="Redis connections per API process; a request waits (up to the Redis "
+        "timeout) for a free one rather than opening more",
+    )
     result_ttl_s: int = Field(86_400, ge=1, description="how long jobs and results are kept")
     log_format: Literal["text", "json"] = Field(
         "text", description="'json': one JSON object per line, with request, job and worker ids"
