@@ -37,7 +37,9 @@ class Resources:
     depths: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
-def get_resources(request: Request) -> Resources:
+# Dependencies are `async def` although nothing in them awaits: FastAPI runs a plain `def` one
+# in a worker thread, and those thread hops were most of what a request cost.
+async def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
@@ -47,7 +49,7 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_api_key(
+async def require_api_key(
     resources: ResourcesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -67,7 +69,7 @@ def require_api_key(
         raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)
 
 
-def caller(
+async def caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """Who is calling, as far as per-caller state (idempotency keys) is concerned: a digest of

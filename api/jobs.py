@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # Re-read the record this often while waiting, in case a pub/sub message was missed (e.g. the
 # waiter's connection blipped); events make the common case immediate.
-_RECHECK_S = 2.0
+_RECHECK_S = 10.0
 
 
 def new_job(request: ClassifyRequest | ChatInput, **fields: Any) -> Job:

@@ -15,7 +15,6 @@ waiter is woken once, since messages may have been published while the connectio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,10 +47,15 @@ class Waiters:
     def __init__(self, client: aioredis.Redis, confirm_timeout_s: float) -> None:
         self._pubsub = client.pubsub()
         self._confirm_timeout_s = confirm_timeout_s
+        # Every channel subscribed, or about to be, or about to be left.
         self._channels: dict[str, _Channel] = {}
-        # Subscribe and unsubscribe commands go out in the order the table changed, so that a
-        # channel left and at once re-entered ends up subscribed.
-        self._lock = asyncio.Lock()
+        # Changes not sent yet. They go out together, one SUBSCRIBE and one UNSUBSCRIBE for
+        # everything that arrived meanwhile: a thousand waiters arriving at once are two
+        # commands, not a thousand round trips in a row.
+        self._subscribe: set[str] = set()
+        self._unsubscribe: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one flush or reconnect at a time
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -64,9 +68,10 @@ class Waiters:
         self._reader = asyncio.create_task(self._read(), name="waiters")
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, self._flusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @asynccontextmanager
@@ -74,17 +79,13 @@ class Waiters:
         """Subscribed to `channel` on entry (its confirmation received, so any message published
         after entry arrives); the event is set on each message until exit."""
         event = asyncio.Event()
-        async with self._lock:
-            entry = self._channels.get(channel)
-            if entry is None:
-                entry = _Channel(asyncio.get_running_loop().create_future())
-                self._channels[channel] = entry
-                try:
-                    await self._pubsub.subscribe(channel)
-                except BaseException:
-                    del self._channels[channel]
-                    raise
-            entry.events.add(event)
+        entry = self._channels.get(channel)
+        if entry is None:
+            entry = self._channels[channel] = _Channel(asyncio.get_running_loop().create_future())
+            self._subscribe.add(channel)
+            self._schedule()
+        self._unsubscribe.discard(channel)
+        entry.events.add(event)
         try:
             try:
                 await asyncio.wait_for(asyncio.shield(entry.subscribed), self._confirm_timeout_s)
@@ -94,17 +95,49 @@ class Waiters:
                 ) from exc
             yield event
         finally:
-            await self._leave(channel, entry, event)
-
-    async def _leave(self, channel: str, entry: _Channel, event: asyncio.Event) -> None:
-        async with self._lock:
             entry.events.discard(event)
-            if entry.events or self._channels.get(channel) is not entry:
-                return
-            del self._channels[channel]
-            # If the connection is down, the reconnect drops the channel (`_forget_strays`).
-            with contextlib.suppress(redis.exceptions.RedisError):
-                await self._pubsub.unsubscribe(channel)
+            if not entry.events:
+                self._unsubscribe.add(channel)
+                self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="waiters-flush")
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            while self._subscribe or self._unsubscribe:
+                # Left again before anything was sent: nothing to send for it.
+                leaving = {c for c in self._unsubscribe if not self._channels[c].events}
+                self._unsubscribe.clear()
+                for channel in leaving:
+                    del self._channels[channel]
+                subscribe = self._subscribe - leaving
+                self._subscribe.clear()
+                unsubscribe = leaving - subscribe
+                try:
+                    if subscribe:
+                        await self._pubsub.subscribe(*subscribe)
+                    if unsubscribe:
+                        await self._pubsub.unsubscribe(*unsubscribe)
+                except redis.exceptions.RedisError:
+                    # The connection is down: the reconnect sends what is still wanted, and
+                    # the waiters meanwhile time out with 503s.
+                    return
+
+    async def _connect(self) -> None:
+        """(Re)connect and make the server's subscriptions the table's: redis-py subscribes
+        again every channel it knew; channels left meanwhile are dropped, and channels whose
+        SUBSCRIBE never went out are sent."""
+        async with self._lock:
+            await self._pubsub.subscribe(_ANCHOR)
+            known = {c.decode() if isinstance(c, bytes) else c for c in self._pubsub.channels}
+            strays = known - self._channels.keys() - {_ANCHOR}
+            if strays:
+                await self._pubsub.unsubscribe(*strays)
+            self._subscribe |= self._channels.keys() - known
+        self._schedule()
+        self._wake_all()  # whatever was published while the connection was down
 
     async def _read(self) -> None:
         connected = False
@@ -122,18 +155,6 @@ class Waiters:
                 continue
             if message is not None:
                 self._dispatch(message)
-
-    async def _connect(self) -> None:
-        """(Re)connect, under the lock so that no waiter's SUBSCRIBE opens a second connection;
-        redis-py subscribes again every channel it knew."""
-        async with self._lock:
-            await self._pubsub.subscribe(_ANCHOR)
-            # Channels whose waiters left while the connection was down.
-            known = {c.decode() if isinstance(c, bytes) else c for c in self._pubsub.channels}
-            strays = known - self._channels.keys() - {_ANCHOR}
-            if strays:
-                await self._pubsub.unsubscribe(*strays)
-        self._wake_all()  # whatever was published while the connection was down
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"]

@@ -1,0 +1,332 @@
+"""The producer and the store under load: accepted jobs/s, Redis commands per job, waiters.
+
+Runs Redis, one API process (uvicorn, one event loop) and, for the per-job command counts, one
+CPU worker on the demo model, all as subprocesses on loopback; the load comes from this process
+over raw HTTP/1.1 connections (httpx's pool costs more CPU than the API it would measure once it
+holds hundreds of connections). Everything shares this machine's cores, so the figures are a
+floor for a machine where the load comes from elsewhere.
+
+    python ops/bench_api.py            # writes its section of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from api.main import REDIS_CLIENT_NAME  # noqa: E402
+from guardfleet.keys import STATS  # noqa: E402
+from ops.bench import free_port, machine, reproduce, wait_for, write_results  # noqa: E402
+
+IDLE_S = 5
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection: just enough of the protocol for JSON requests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = b"" if body is None else json.dumps(body).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(data)}\r\n"
+        if data:
+            head += "Content-Type: application/json\r\n"
+        self.writer.write(head.encode() + b"\r\n" + data)
+        status_line = await self.reader.readline()
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        payload = await self.reader.readexactly(length)
+        return int(status_line.split()[1]), json.loads(payload) if payload else None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Stack:
+    """Redis, the API and (on demand) a worker, stopped in reverse order."""
+
+    def __init__(self, redis_max_connections: int) -> None:
+        self.redis_port, self.api_port = free_port(), free_port()
+        self.url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env = {
+            **os.environ,
+            "GUARDFLEET_REDIS_URL": self.url,
+            "GUARDFLEET_DEVICE": "cpu",
+            "GUARDFLEET_REDIS_MAX_CONNECTIONS": str(redis_max_connections),
+            "GUARDFLEET_MAX_QUEUED_BULK": "1000000",
+            "HF_HUB_OFFLINE": "1",
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.api: subprocess.Popen[bytes] | None = None
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        out = subprocess.DEVNULL
+        proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=out, stderr=out)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> Stack:
+        self.spawn(
+            ["redis-server", "--port", str(self.redis_port), "--save", "", "--maxclients", "20000"]
+        )
+        self.api = self.spawn(
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.api_port),
+             "--log-level", "warning", "--backlog", "4096"]
+        )  # fmt: skip
+        self.redis = redis.Redis.from_url(self.url, decode_responses=True)
+        wait_for(lambda: self.redis.ping() and self._live(), 60)
+        return self
+
+    def _live(self) -> bool:
+        import httpx
+
+        api = f"http://127.0.0.1:{self.api_port}/v1/health/live"
+        return httpx.get(api, timeout=1).status_code == 200
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "worker", "--name", "bench@api", "--loglevel", "WARNING"]
+        proc = self.spawn(argv)
+        wait_for(lambda: bool(self.redis.keys("guardfleet:worker:*")), 180)
+        return proc
+
+    def api_rss_mb(self) -> float:
+        assert self.api is not None
+        for line in Path(f"/proc/{self.api.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def api_connections(self) -> int:
+        return sum(1 for c in self.redis.client_list() if c["name"] == REDIS_CLIENT_NAME)
+
+    def __exit__(self, *_: object) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def commands(client: redis.Redis) -> tuple[int, int, int]:
+    """Commands served so far (excluding INFO itself), and bytes in and out."""
+    calls = sum(by_command(client).values())
+    net: dict[str, Any] = client.info("stats")
+    return calls, net["total_net_input_bytes"], net["total_net_output_bytes"]
+
+
+def by_command(client: redis.Redis) -> Counter[str]:
+    stats: dict[str, Any] = client.info("commandstats")
+    return Counter({k[8:]: v["calls"] for k, v in stats.items() if k != "cmdstat_info"})
+
+
+def per_job(before: tuple[int, int, int], after: tuple[int, int, int], jobs: int) -> list[float]:
+    return [(b - a) / jobs for a, b in zip(before, after, strict=True)]
+
+
+async def submit(port: int, count: int, clients: int) -> tuple[list[str], float, Counter[int]]:
+    """POST /v1/jobs `count` times from `clients` connections; ids, seconds, statuses."""
+    ids: list[str] = []
+    statuses: Counter[int] = Counter()
+    todo = iter(range(count))
+
+    async def client() -> None:
+        conn = await Conn.open(port)
+        for i in todo:
+            status, job = await conn.request("POST", "/v1/jobs", {"prompt": f"Is {i} prime?"})
+            statuses[status] += 1
+            if status == 202:
+                ids.append(job["id"])
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return ids, time.perf_counter() - started, statuses
+
+
+async def poll_each(port: int, ids: list[str]) -> None:
+    conn = await Conn.open(port)
+    for job_id in ids:
+        status, _ = await conn.request("GET", f"/v1/jobs/{job_id}")
+        assert status == 200, status
+    conn.close()
+
+
+async def waiters(stack: Stack, ids: list[str], per_s: int) -> dict[str, float]:
+    """A long poll (`?wait=60`) on every job, opened at `per_s` a second and then all waiting
+    at once; then every job is cancelled."""
+    port = stack.api_port
+    opened: list[Conn] = []
+    polls: list[asyncio.Task[tuple[int, Any]]] = []
+    wave = max(1, per_s // 10)
+    for start in range(0, len(ids), wave):
+        conns = await asyncio.gather(*(Conn.open(port) for _ in ids[start : start + wave]))
+        polls += [
+            asyncio.create_task(c.request("GET", f"/v1/jobs/{i}?wait=60"))
+            for c, i in zip(conns, ids[start : start + wave], strict=True)
+        ]
+        opened += conns
+        await asyncio.sleep(0.1)
+    channels = [f"guardfleet:job:{i}:events" for i in ids]
+
+    def all_waiting() -> bool:
+        found = 0
+        for start in range(0, len(channels), 1000):
+            numsub = stack.redis.pubsub_numsub(*channels[start : start + 1000])
+            found += sum(1 for _, n in numsub if n)
+        return found == len(ids)
+
+    started = time.perf_counter()
+    while not all_waiting():
+        if time.perf_counter() - started > 120:
+            early = Counter(str(p.result())[:150] for p in polls if p.done())
+            raise RuntimeError(f"the long polls did not all start waiting; answered: {early}")
+        await asyncio.sleep(0.5)
+    opened_s = time.perf_counter() - started
+    held, rss = stack.api_connections(), stack.api_rss_mb()
+    started = time.perf_counter()
+    cancellers = [await Conn.open(port) for _ in range(16)]
+
+    async def cancel(conn: Conn, mine: list[str]) -> None:
+        for job_id in mine:
+            await conn.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    await asyncio.gather(*(cancel(c, ids[k::16]) for k, c in enumerate(cancellers)))
+    answers = await asyncio.gather(*polls)
+    answered_s = time.perf_counter() - started
+    for conn in opened + cancellers:
+        conn.close()
+    ok = sum(1 for status, job in answers if status == 200 and job["status"] == "cancelled")
+    return {
+        "waiters": len(ids),
+        "opened_s": opened_s,
+        "connections": held,
+        "rss_mb": rss,
+        "answered": ok,
+        "answered_s": answered_s,
+    }
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    with Stack(args.pool) as stack:
+        # A job's whole life, on jobs a worker runs: submit, run, one poll.
+        before = commands(stack.redis)
+        ids, _, statuses = asyncio.run(submit(stack.api_port, args.run_jobs, args.clients))
+        if statuses != Counter({202: args.run_jobs}):
+            raise RuntimeError(f"submissions answered {dict(statuses)}")
+        submitted = commands(stack.redis)
+        worker = stack.start_worker()
+        ran_from, mix = commands(stack.redis), by_command(stack.redis)
+        t0 = time.monotonic()
+        wait_for(lambda: _succeeded(stack) >= len(ids), 900)
+        ran_s = time.monotonic() - t0
+        ran_to = commands(stack.redis)
+        mix = by_command(stack.redis) - mix
+        asyncio.run(poll_each(stack.api_port, ids))
+        polled = commands(stack.redis)
+        time.sleep(IDLE_S)  # what the fleet costs Redis while nothing happens
+        chatter = (commands(stack.redis)[0] - polled[0]) / IDLE_S
+        worker.terminate()
+        worker.wait(timeout=60)
+
+        # The producer alone: accepted jobs/s, then a long poll on each of those jobs.
+        waiting, seconds, statuses = asyncio.run(submit(stack.api_port, args.waiters, args.clients))
+        if statuses != Counter({202: args.waiters}):
+            raise RuntimeError(f"submissions answered {dict(statuses)}")
+        result = asyncio.run(waiters(stack, waiting, args.open_per_s))
+
+    jobs = len(ids)
+    run_cmds = per_job(ran_from, ran_to, jobs)
+    run_cmds[0] -= chatter * ran_s / jobs
+    parts = [per_job(before, submitted, jobs), run_cmds, per_job(ran_to, polled, jobs)]
+    total = [sum(column) for column in zip(*parts, strict=True)]
+
+    def row(name: str, v: list[float]) -> str:
+        return f"| {name} | {v[0]:.1f} | {v[1] / 1024:.2f} | {v[2] / 1024:.2f} |"
+
+    return [
+        "### Accepting jobs: one API process",
+        "",
+        f"- **{args.waiters / seconds:.0f} jobs/s** accepted: {args.waiters} `POST /v1/jobs` "
+        f"(202 each) from {args.clients} connections, no worker running",
+        "",
+        f"### Redis per async job ({jobs} jobs, one CPU worker on the demo model)",
+        "",
+        "| step | commands | KiB in | KiB out |",
+        "|---|---:|---:|---:|",
+        row("submit (`POST /v1/jobs`)", parts[0]),
+        row(f"run (in {ran_s:.0f} s; idle chatter of {chatter:.0f}/s taken out)", parts[1]),
+        row("one poll (`GET /v1/jobs/{id}`)", parts[2]),
+        row("**whole job**", total),
+        "",
+        "Commands of the run step, per job (Lua scripts' own calls count, as in INFO "
+        "commandstats): " + ", ".join(f"{k} {n / jobs:.1f}" for k, n in mix.most_common(12)),
+        "",
+        f"### {result['waiters']:.0f} concurrent long polls on one API process (opened at "
+        f"{args.open_per_s}/s)",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| Redis connections the API held while they all waited (pool {args.pool}) | "
+        f"{result['connections']:.0f} |",
+        f"| seconds until every poll was subscribed | {result['opened_s']:.1f} |",
+        f"| API resident memory with all waiting, MiB | {result['rss_mb']:.0f} |",
+        f"| polls answered `cancelled` after their jobs were cancelled | "
+        f"{result['answered']:.0f} |",
+        f"| seconds from the first cancel to the last answer | {result['answered_s']:.1f} |",
+        "",
+    ]
+
+
+def _succeeded(stack: Stack) -> int:
+    """Jobs ended `succeeded` so far: one command, where reading each job would add dozens of
+    commands per job to the very counts being measured."""
+    return int(stack.redis.hget(STATS, "jobs_ended:succeeded") or 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-jobs", type=int, default=1000, help="jobs a worker runs")
+    parser.add_argument("--clients", type=int, default=64, help="submitting connections")
+    parser.add_argument(
+        "--waiters", type=int, default=10_000, help="jobs submitted, then long-polled at once"
+    )
+    parser.add_argument("--open-per-s", type=int, default=1000, help="long polls opened a second")
+    parser.add_argument("--pool", type=int, default=100, help="GUARDFLEET_REDIS_MAX_CONNECTIONS")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    header = [
+        f"## API profile, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
+        "",
+        f"- machine: {machine()}",
+        f"- command: `{reproduce(sys.argv[1:]).replace('ops/bench.py', 'ops/bench_api.py')}`",
+        "",
+    ]
+    text = "\n".join([*header, *run(args)])
+    print(text)
+    write_results(args.out, "api", text)
+
+
+if __name__ == "__main__":
+    main()
