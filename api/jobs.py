@@ -12,8 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from api import metrics
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import TASK_RUN_JOB, delivery_key, job_channel
-from guardfleet.queueing import queue_for
+from guardfleet.keys import delivery_key, job_channel
+from guardfleet.queueing import queue_for, task_message
 from guardfleet.schemas import (
     Batch,
     ChatInput,
@@ -70,20 +70,10 @@ async def with_webhook(res: Resources, item: T) -> T:
 
 
 async def submit(res: Resources, job: Job, interactive: bool, watch: bool = False) -> Job:
-    """Store and queue `job`; a `watch`ed one streams its events from its first token."""
+    """Store and queue `job` in one transaction; a `watch`ed one streams its events from its
+    first token. A Redis error leaves neither record nor message (and answers 503)."""
     queue = queue_for(interactive)
-    await res.store.create(job, queue, watch)
-    try:
-        await run_in_threadpool(res.celery.send_task, TASK_RUN_JOB, args=[job.id], queue=queue)
-    except Exception as exc:
-        # Never leave a queued record that no worker will ever see.
-        job.status, job.finished_at = JobStatus.FAILED, utcnow()
-        job.error = JobError(type="enqueue_failed", message=str(exc))
-        try:
-            await res.store.save(job)
-        except Exception:  # Redis is likely down too; the record expires with its TTL
-            log.warning("could not mark job %s as failed to enqueue", job.id)
-        raise APIError(503, f"could not queue the job: {exc}", code="queue_unavailable") from exc
+    await res.store.create(job, queue, watch, task_message(res.celery, job.id, queue))
     metrics.ACCEPTED.labels(queue).inc()
     log.info("job %s queued on %s", job.id, queue, extra={"job_id": job.id})
     return job

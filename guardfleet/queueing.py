@@ -3,6 +3,8 @@ consume. Delivery guarantees (at-least-once) are set here, in one place."""
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Sequence
 
@@ -90,3 +92,29 @@ def publish_jobs(app: Celery, job_ids: Sequence[str], queue: str, chunk: int = 1
                 retry=False,
                 **properties,
             )
+
+
+def task_message(app: Celery, job_id: str, queue: str) -> str:
+    """The `run_job` message for `job_id` exactly as kombu's Redis transport puts it on the
+    queue's list (what `publish_jobs` sends), built without touching Redis, so that the API can
+    push it in the same transaction that creates the job: one round trip, no thread hop for
+    Celery's blocking publish, and never a record without its message or the reverse."""
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        str(uuid.uuid4()), TASK_RUN_JOB, args=[job_id]
+    )
+    return json.dumps(
+        {
+            "body": base64.b64encode(json.dumps(body).encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": 2,  # persistent
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,  # the list named after the queue (kombu's priority 0)
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )

@@ -231,9 +231,14 @@ class AsyncJobStore:
                 pipe.hget(job_key(job_id), "doc")
             return [_load(raw) for raw in await pipe.execute()]
 
-    async def create(self, job: Job, queue: str, watch: bool = False) -> None:
+    async def create(
+        self, job: Job, queue: str, watch: bool = False, message: str | None = None
+    ) -> None:
+        """Store `job` and, in the same transaction, push its task `message` on `queue`."""
         async with self.client.pipeline(transaction=True) as pipe:
             add_create(pipe, job, queue, self.ttl_s, self.stale_s, watch)
+            if message is not None:
+                pipe.lpush(queue, message)  # kombu's list for the queue (consumers BRPOP it)
             await pipe.execute()
 
     async def save(self, job: Job) -> None:

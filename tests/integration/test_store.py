@@ -3,11 +3,17 @@ attempts overlap."""
 
 from __future__ import annotations
 
+import base64
+import json
+from typing import Any
+
 import pytest
 import redis
 
-from guardfleet.keys import OPEN_JOBS
+from guardfleet.keys import OPEN_JOBS, QUEUE_BULK
+from guardfleet.queueing import make_celery, publish_jobs, task_message
 from guardfleet.schemas import ClassifyRequest, Job, JobStatus, utcnow
+from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
 from tests.conftest import RedisServer, db_url
 
@@ -102,3 +108,30 @@ def test_transitions_read_status_without_the_document(store: JobStore) -> None:
     store.client.hset(f"guardfleet:job:{job.id}", "doc", "x" * 200_000)
     store.start(_started(job, "a@test"), "task-1", 1)
     assert store.client.hget(f"guardfleet:job:{job.id}", "status") == b"running"
+
+
+def test_the_api_builds_the_message_kombu_would_publish(redis_server: RedisServer) -> None:
+    """`task_message` (pushed by the API in the job's create transaction) must be the envelope
+    kombu's Redis transport puts on the list, or workers would not take it."""
+    client = redis.Redis.from_url(db_url(redis_server, 40))
+    client.flushdb()
+    app = make_celery(Settings(redis_url=db_url(redis_server, 40)))
+    publish_jobs(app, ["job_kombu"], QUEUE_BULK)
+    ours = json.loads(task_message(app, "job_ours", QUEUE_BULK))
+    raw = client.rpop(QUEUE_BULK)
+    assert isinstance(raw, bytes)
+    kombus = json.loads(raw)
+
+    def shape(message: dict[str, Any]) -> dict[str, Any]:
+        unique = {"id", "root_id", "correlation_id", "delivery_tag", "argsrepr"}
+        return {
+            "top": sorted(message),
+            "headers": {k: v for k, v in message["headers"].items() if k not in unique},
+            "properties": {k: v for k, v in message["properties"].items() if k not in unique},
+        }
+
+    assert shape(ours) == shape(kombus)
+    args, kwargs, embed = json.loads(base64.b64decode(ours["body"]))
+    assert (args, kwargs) == (["job_ours"], {})
+    assert embed == json.loads(base64.b64decode(kombus["body"]))[2]
+    assert ours["headers"]["argsrepr"] == "['job_ours']"
