@@ -73,7 +73,7 @@ async def submit(res: Resources, job: Job, interactive: bool, watch: bool = Fals
     """Store and queue `job` in one transaction; a `watch`ed one streams its events from its
     first token. A Redis error leaves neither record nor message (and answers 503)."""
     queue = queue_for(interactive)
-    await res.store.create(job, queue, watch, task_message(res.celery, job.id, queue))
+    await res.store.create(job, queue, task_message(res.celery, job.id, queue), watch)
     metrics.ACCEPTED.labels(queue).inc()
     log.info("job %s queued on %s", job.id, queue, extra={"job_id": job.id})
     return job

@@ -58,11 +58,6 @@ class Waiters:
         self._lock = asyncio.Lock()  # one flush or reconnect at a time
         self._reader: asyncio.Task[None] | None = None
 
-    @property
-    def channels(self) -> int:
-        """How many channels some waiter is watching now."""
-        return len(self._channels)
-
     async def start(self) -> None:
         """Connect lazily: an API started while Redis is down comes up and answers 503s."""
         self._reader = asyncio.create_task(self._read(), name="waiters")

@@ -231,19 +231,16 @@ class AsyncJobStore:
                 pipe.hget(job_key(job_id), "doc")
             return [_load(raw) for raw in await pipe.execute()]
 
-    async def create(
-        self, job: Job, queue: str, watch: bool = False, message: str | None = None
-    ) -> None:
+    async def create(self, job: Job, queue: str, message: str, watch: bool = False) -> None:
         """Store `job` and, in the same transaction, push its task `message` on `queue`."""
         async with self.client.pipeline(transaction=True) as pipe:
             add_create(pipe, job, queue, self.ttl_s, self.stale_s, watch)
-            if message is not None:
-                pipe.lpush(queue, message)  # kombu's list for the queue (consumers BRPOP it)
+            pipe.lpush(queue, message)  # kombu's list for the queue (consumers BRPOP it)
             await pipe.execute()
 
     async def save(self, job: Job) -> None:
-        """A change made by the API (cancel, or failing a job it could not queue): no attempt
-        is required, since the API never runs jobs."""
+        """A change made by the API (a cancel): no attempt is required, since the API never runs
+        jobs."""
         keys, args = _end_args(job, self.ttl_s, None)
         _check(int(await self._end(keys=keys, args=args)), job)
 
