@@ -1,4 +1,4 @@
-"""The API application: `uvicorn api.main:app` (or `create_app()` in tests)."""
+"""The API application: `python -m api` or `uvicorn api.main:app` (or `create_app()` in tests)."""
 
 from __future__ import annotations
 

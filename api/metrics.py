@@ -1,24 +1,31 @@
-"""Prometheus metrics of one API process, and of the fleet as Redis shows it.
+"""Prometheus metrics of the API processes, and of the fleet as Redis shows it.
 
-Counters and histograms are this process's (with several API processes, Prometheus sums them);
-the fleet gauges (queue depth and age per lane, ready workers) and the fleet counters (jobs ended,
-batch items, webhook attempts: `guardfleet.keys.STATS`, kept by whichever process made the change)
-are read from Redis at scrape time. The fleet series are the same from every API process: query
-them with `max`, not `sum`.
+The counters and histograms here (requests, sync latency, accepted and refused jobs) belong to
+the API processes. Run alone they live in this process; run by `python -m api`
+(`api.__main__`), every process writes them to files in `PROMETHEUS_MULTIPROC_DIR`
+(prometheus-client's multiprocess mode) and a scrape answered by any one process reports the
+sum over all the processes behind the port. The fleet gauges (queue depth and age per lane, ready
+workers) and the fleet counters (jobs ended, batch items, webhook attempts: `guardfleet.keys.STATS`,
+kept by whichever process made the change) are read from Redis at scrape time, so they read the
+same from every API container: query them with `max`, not `sum`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import ClassVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from api.deps import Resources
@@ -48,26 +55,16 @@ REFUSED = Counter(
     ["lane"],
     registry=REGISTRY,
 )
-QUEUE_DEPTH = Gauge(
-    "guardfleet_queue_depth", "messages waiting on a lane", ["lane"], registry=REGISTRY
-)
-QUEUE_AGE = Gauge(
-    "guardfleet_queue_oldest_age_seconds",
-    "age of the oldest job waiting on a GPU lane (since it was accepted)",
-    ["lane"],
-    registry=REGISTRY,
-)
-WORKERS_READY = Gauge(
-    "guardfleet_workers_ready", "workers with a live heartbeat", ["device"], registry=REGISTRY
-)
 SYNC_ROUTES = {"/v1/classify", "/v1/chat/completions"}
 
 
-class FleetTotals(Collector):
-    """The fleet counters in `STATS`, as read at the last scrape. Every label value this
-    service can write is listed, so a series exists (at 0) before its first event."""
+@dataclass(eq=False)  # registries hash their collectors
+class FleetView(Collector):
+    """The fleet as read from Redis at the last scrape: lane depths and ages, ready workers,
+    and the counters in `STATS`. Every label value this service can write is listed, so a
+    series exists (at 0) before its first event."""
 
-    FAMILIES: ClassVar[dict[str, tuple[str, str, str, tuple[str, ...]]]] = {
+    COUNTERS: ClassVar[dict[str, tuple[str, str, str, tuple[str, ...]]]] = {
         "jobs_ended": (
             "guardfleet_jobs_finished",
             "jobs that reached a final status, fleet-wide",
@@ -95,24 +92,53 @@ class FleetTotals(Collector):
         ),
     }
 
-    def __init__(self) -> None:
-        self.values: dict[str, float] = {}
+    totals: dict[str, float] = field(default_factory=dict)
+    depth: dict[str, int] = field(default_factory=dict)
+    age: dict[str, float] = field(default_factory=dict)
+    ready: dict[str, int] = field(default_factory=dict)
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        for prefix, (name, doc, label, known) in self.FAMILIES.items():
+    def collect(self) -> Iterator[Metric]:
+        for prefix, (name, doc, label, known) in self.COUNTERS.items():
             family = CounterMetricFamily(name, doc, labels=[label])
-            seen = {k.split(":", 1)[1] for k in self.values if k.startswith(prefix + ":")}
+            seen = {k.split(":", 1)[1] for k in self.totals if k.startswith(prefix + ":")}
             for value in sorted(set(known) | seen):
-                family.add_metric([value], self.values.get(f"{prefix}:{value}", 0.0))
+                family.add_metric([value], self.totals.get(f"{prefix}:{value}", 0.0))
             yield family
+        gauges = (
+            ("guardfleet_queue_depth", "messages waiting on a lane", "lane", self.depth),
+            (
+                "guardfleet_queue_oldest_age_seconds",
+                "age of the oldest job waiting on a GPU lane (since it was accepted)",
+                "lane",
+                self.age,
+            ),
+            ("guardfleet_workers_ready", "workers with a live heartbeat", "device", self.ready),
+        )
+        for name, doc, label, values in gauges:
+            gauge = GaugeMetricFamily(name, doc, labels=[label])
+            for key, number in values.items():
+                gauge.add_metric([key], number)
+            yield gauge
 
 
-FLEET_TOTALS = FleetTotals()
-REGISTRY.register(FLEET_TOTALS)
+FLEET = FleetView()
+
+
+@cache
+def _exposition() -> CollectorRegistry:
+    """What a scrape reports: this process's metrics, or every API process's when they share a
+    multiprocess directory, and the fleet as last read."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        REGISTRY.register(FLEET)
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(FLEET)
+    return registry
 
 
 async def render(res: Resources) -> bytes:
-    """The Prometheus text, with the fleet gauges read now."""
+    """The Prometheus text, with the fleet read now."""
     lanes = [*GPU_QUEUES, QUEUE_WEBHOOKS]
     async with res.redis.pipeline(transaction=False) as pipe:
         for lane in lanes:
@@ -121,15 +147,14 @@ async def render(res: Resources) -> bytes:
             pipe.lindex(lane, -1)  # the oldest: producers push on the left
         pipe.hgetall(STATS)
         found = await pipe.execute()
-    FLEET_TOTALS.values = {k.decode(): float(v) for k, v in found.pop().items()}
-    for lane, depth in zip(lanes, found, strict=False):
-        QUEUE_DEPTH.labels(lane).set(int(depth))
-    for lane, message in zip(GPU_QUEUES, found[len(lanes) :], strict=True):
-        QUEUE_AGE.labels(lane).set(await _age(res, message))
-    WORKERS_READY.clear()
-    for device, count in Tally(w.device for w in await ready_workers(res)).items():
-        WORKERS_READY.labels(device).set(count)
-    return generate_latest(REGISTRY)
+    FLEET.totals = {k.decode(): float(v) for k, v in found.pop().items()}
+    FLEET.depth = {lane: int(depth) for lane, depth in zip(lanes, found, strict=False)}
+    FLEET.age = {
+        lane: await _age(res, message)
+        for lane, message in zip(GPU_QUEUES, found[len(lanes) :], strict=True)
+    }
+    FLEET.ready = dict(Tally(w.device for w in await ready_workers(res)))
+    return generate_latest(_exposition())
 
 
 async def _age(res: Resources, message: bytes | None) -> float:

@@ -46,7 +46,7 @@ def service_commands(python: str, redis_url: str, host: str) -> dict[str, list[s
     return {
         "worker": [python, "-m", "worker"],
         "delivery": [python, "-m", "worker.delivery"],
-        "api": [python, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(API_PORT)],
+        "api": [python, "-m", "api", "--host", host, "--port", str(API_PORT)],
         "flower": [
             python,
             "-m",

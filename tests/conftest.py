@@ -240,16 +240,20 @@ def start_api(
     servers: list[ApiServer] = []
     logs = tmp_path_factory.mktemp("api")
 
-    def start(db: int = 0, url: str | None = None, **env: str) -> ApiServer:
+    def start(db: int = 0, url: str | None = None, processes: int = 0, **env: str) -> ApiServer:
+        """An API on `db`; with `processes`, that many behind one port as production runs
+        them (`python -m api --workers N`), else one plain `uvicorn api.main:app`."""
         port = free_port()
         url = url or db_url(redis_server, db)
         log = logs / f"api-{port}.log"
+        launcher = (
+            ["api", "--workers", str(processes)] if processes else ["uvicorn", "api.main:app"]
+        )
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "api.main:app",
+                *launcher,
                 "--port",
                 str(port),
                 "--host",

@@ -41,4 +41,4 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app PYTHONUNBUFFERED=1 PYTHONDONTWRITEB
 WORKDIR /app
 USER guardfleet
 EXPOSE 8000 5555
-CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -119,3 +121,32 @@ def test_the_api_and_a_worker_report_what_happened(
     assert value(worker, "guardfleet_num_requests_running") == 0
     assert value(worker, "guardfleet_num_requests_waiting") == 0
     assert value(worker, "guardfleet_device_memory_used_bytes") == 0  # a CPU worker
+
+
+@pytest.mark.timeout(120)
+def test_several_api_processes_report_one_sum(start_api: StartApi, tmp_path: Path) -> None:
+    """Behind one port a scrape reaches one process at random; each must report every
+    process's requests, not its own share."""
+    shared = tmp_path / "metrics"
+    api = start_api(db=41, processes=2, PROMETHEUS_MULTIPROC_DIR=str(shared))
+
+    def live(_: int) -> int:
+        with httpx.Client(base_url=api.url, timeout=10) as http:  # a new connection each
+            return http.get("/v1/health/live").status_code
+
+    def live_200() -> float:
+        return value(
+            scrape(f"{api.url}/v1/metrics"),
+            "guardfleet_http_requests_total",
+            route="/v1/health/live",
+            method="GET",
+            status="200",
+        )
+
+    before = live_200()  # start_api's own readiness probe
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(live, range(80))) == {200}
+    writers = {p.name for p in shared.glob("counter_*.db")}
+    assert len(writers) == 2, f"both processes should have answered some requests: {writers}"
+    # Each scrape on a new connection, so both processes answer some.
+    assert [live_200() for _ in range(10)] == [before + 80] * 10
