@@ -11,9 +11,10 @@ the lane's limit a new job is refused, never an accepted one dropped:
   that, a caller would most likely wait out its sync timeout, so it had better try another
   replica or come back.
 
-Lengths are read at most every `DEPTH_CACHE_S` per API process and lane, so a flood costs one
-Redis command per lane per interval, not one per request; a burst can overshoot a limit by what
-arrives within that interval.
+The bulk backlog also counts the items of accepted batches that a delivery worker has not queued
+yet (`BATCHES_PENDING`). Backlogs are read at most every `DEPTH_CACHE_S` per API process and lane,
+so a flood costs one Redis round trip per lane per interval, not one per request; a burst can
+overshoot a limit by what arrives within that interval.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from api import metrics
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE
+from guardfleet.keys import BATCHES_PENDING, QUEUE_BULK, QUEUE_INTERACTIVE
 
 DEPTH_CACHE_S = 0.2
 RETRY_BULK_S = 5
@@ -36,7 +37,16 @@ async def backlog(res: Resources, queue: str) -> int:
     cached = res.depths.get(queue)
     if cached is not None and now - cached[1] < DEPTH_CACHE_S:
         return cached[0]
-    depth = int(await res.redis.llen(queue))
+    if queue == QUEUE_BULK:
+        # Batch items not queued yet count too, or batches accepted a moment apart would each
+        # see the lane as it was before the other's fan-out.
+        async with res.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(queue)
+            pipe.hvals(BATCHES_PENDING)
+            length, pending = await pipe.execute()
+        depth = int(length) + sum(int(n) for n in pending)
+    else:
+        depth = int(await res.redis.llen(queue))
     res.depths[queue] = (depth, now)
     return depth
 

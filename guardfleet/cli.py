@@ -70,6 +70,10 @@ def submit(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
                 if done >= total:  # a cancelled batch also ends here, once running items end
                     break
+                if batch["status"] == "failed":  # its items could not be queued
+                    errors = batch.get("errors") or {}
+                    reasons = "; ".join(e["message"] for e in errors.get("data", []))
+                    raise CLIError(f"batch {batch['id']} failed: {reasons or 'no reason given'}")
                 time.sleep(args.poll)
                 batch = checked(http.get(f"/v1/batches/{batch['id']}"))
         output = Path(args.output)

@@ -2,7 +2,8 @@
 
     GuardfleetError
     ├── InvalidInput          the request cannot be served as given (client's fault, 4xx)
-    │   └── InputTooLong      more tokens than the model accepts
+    │   ├── InputTooLong      more tokens than the model accepts
+    │   └── InvalidBatch      a batch upload with bad lines (each listed) or no lines at all
     ├── OutputError           the model answered, but not with a verdict (fail closed)
     │   ├── TruncatedOutput   generation stopped inside the think block or before a field
     │   └── UnparseableOutput a required field is missing or has an unknown value
@@ -30,6 +31,21 @@ class InvalidInput(GuardfleetError):
 
 class InputTooLong(InvalidInput):
     type = "input_too_long"
+
+
+class InvalidBatch(InvalidInput):
+    """`status` is the HTTP status it maps to (400: not text or not JSON, 422: bad contents);
+    `code` says which; `errors` lists bad lines as `{"line": n, "message": ...}`."""
+
+    type = "invalid_batch"
+
+    def __init__(
+        self, message: str, status: int, code: str, errors: list[dict[str, object]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.errors = errors or []
 
 
 class OutputError(GuardfleetError):

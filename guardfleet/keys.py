@@ -82,6 +82,25 @@ def batch_jobs_key(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:jobs"
 
 
+def batch_upload_key(batch_id: str) -> str:
+    """The checked upload, kept until every item has been queued (the fan-out reads it)."""
+    return f"{PREFIX}:batch:{batch_id}:upload"
+
+
+def batch_fanout_key(batch_id: str) -> str:
+    """Hash: `cursor`, how many items are queued so far (each chunk advances it in the
+    transaction that queues the chunk), and `cancel`, set by a cancel so that a chunk being
+    queued at that moment is refused and written again as cancelled."""
+    return f"{PREFIX}:batch:{batch_id}:fanout"
+
+
+# Batches whose items are not all queued yet, scored by when they are due (now, or the end of
+# the lease a delivery worker holds while it fans one out), and how many items they still hold:
+# back-pressure counts those as waiting on the bulk lane.
+BATCHES_DUE = f"{PREFIX}:batches:due"
+BATCHES_PENDING = f"{PREFIX}:batches:pending"
+
+
 def batch_done_key(batch_id: str) -> str:
     """Set of job ids already counted, so a redelivered job is never counted twice."""
     return f"{PREFIX}:batch:{batch_id}:done"

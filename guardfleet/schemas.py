@@ -316,9 +316,27 @@ class BatchItem(ClassifyRequest):
 
 
 class BatchStatus(enum.StrEnum):
-    IN_PROGRESS = "in_progress"
+    """OpenAI's batch statuses that apply here (no `finalizing`: results are read from the job
+    records, there is no output file to write; no `expired`: items wait until run or until the
+    batch's TTL removes it)."""
+
+    VALIDATING = "validating"  # accepted and stored; its items are not queued yet
+    IN_PROGRESS = "in_progress"  # items being queued (fan-out) or run
+    FAILED = "failed"  # the stored upload could not be fanned out; `errors` says why
     COMPLETED = "completed"
+    CANCELLING = "cancelling"  # queued items cancelled; running ones finish and are counted
     CANCELLED = "cancelled"
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
 
 
 class RequestCounts(BaseModel):
@@ -335,10 +353,14 @@ def new_batch_id() -> str:
 class Batch(BaseModel):
     id: str = Field(default_factory=new_batch_id)
     object: Literal["moderation.batch"] = "moderation.batch"
-    status: BatchStatus = BatchStatus.IN_PROGRESS
+    status: BatchStatus = BatchStatus.VALIDATING
     created_at: datetime = Field(default_factory=utcnow)
+    in_progress_at: datetime | None = None
     completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    cancelling_at: datetime | None = None
     cancelled_at: datetime | None = None
+    errors: BatchErrors | None = None
     request_counts: RequestCounts
     callback_url: str | None = None
     metadata: dict[str, Any] | None = None

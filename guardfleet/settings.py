@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         128, ge=1, description="sync calls waiting per ready worker before new ones get 503"
     )
     max_batch_body_bytes: int = Field(64 * 1_048_576, ge=1024, description="batch upload limit")
+    batch_fanout_chunk: int = Field(
+        1000, ge=1, le=10_000, description="batch items the delivery worker queues per transaction"
+    )
+    batch_fanout_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="a batch whose fan-out made no progress for this long is resumed by another "
+        "delivery worker",
+    )
 
     # --- webhooks ---------------------------------------------------------------------------
     webhook_secrets: CommaList = Field(

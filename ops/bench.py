@@ -321,7 +321,7 @@ def collect_batch_sizes(client: Any, ids: list[str]) -> list[int]:
     return sizes
 
 
-def wait_for(check: Callable[[], bool], timeout: float) -> None:
+def wait_for(check: Callable[[], bool], timeout: float, every: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -329,7 +329,7 @@ def wait_for(check: Callable[[], bool], timeout: float) -> None:
                 return
         except Exception:
             pass
-        time.sleep(0.5)
+        time.sleep(every)
     raise RuntimeError("the stack did not become ready")
 
 

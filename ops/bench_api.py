@@ -1,4 +1,5 @@
-"""The producer and the store under load: accepted jobs/s, Redis commands per job, waiters.
+"""The producer and the store under load: accepted jobs/s, Redis commands per job, waiters,
+and batches (time to accept, fan-out rate, cancel).
 
 Runs Redis, one API process (uvicorn, one event loop) and, for the per-job command counts, one
 CPU worker on the demo model, all as subprocesses on loopback; the load comes from this process
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from api.main import REDIS_CLIENT_NAME  # noqa: E402
-from guardfleet.keys import STATS  # noqa: E402
+from guardfleet.keys import STATS, batch_fanout_key  # noqa: E402
 from ops.bench import free_port, machine, reproduce, wait_for, write_results  # noqa: E402
 
 IDLE_S = 5
@@ -109,6 +110,11 @@ class Stack:
         proc = self.spawn(argv)
         wait_for(lambda: bool(self.redis.keys("guardfleet:worker:*")), 180)
         return proc
+
+    def start_delivery(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "worker.delivery", "--name", "bench-hooks@api",
+                "--loglevel", "WARNING"]  # fmt: skip
+        return self.spawn(argv)
 
     def api_rss_mb(self) -> float:
         assert self.api is not None
@@ -228,6 +234,56 @@ async def waiters(stack: Stack, ids: list[str], per_s: int) -> dict[str, float]:
     }
 
 
+def batch_lines(count: int) -> bytes:
+    return "".join(
+        json.dumps({"custom_id": f"item-{n}", "prompt": f"How do I repot a fern? ({n})"}) + "\n"
+        for n in range(count)
+    ).encode()
+
+
+def batches(stack: Stack, items: int) -> dict[str, float]:
+    """Accept a batch of `items` lines with no delivery worker, then start one and time its
+    fan-out; then cancel a second batch once all its items are queued."""
+    import httpx
+
+    api = f"http://127.0.0.1:{stack.api_port}"
+    body = batch_lines(items)
+    with httpx.Client(base_url=api, timeout=120) as http:
+        http.post("/v1/batches", content=batch_lines(1))  # warm: scripts, connections
+        time.sleep(0.3)  # let the cached bulk backlog lapse, as for any first submit
+        before = commands(stack.redis)
+        t0 = time.perf_counter()
+        first = http.post("/v1/batches", content=body)
+        accept_s = time.perf_counter() - t0
+        accept_cmds = commands(stack.redis)[0] - before[0]
+        if first.status_code != 202:
+            raise RuntimeError(f"batch answered {first.status_code}: {first.text[:200]}")
+        second = http.post("/v1/batches", content=body).json()["id"]
+        cursor = batch_fanout_key(first.json()["id"])
+        t0 = time.perf_counter()
+        delivery = stack.start_delivery()
+        wait_for(lambda: int(stack.redis.hget(cursor, "cursor") or 0) > 0, 120, every=0.005)
+        started = time.perf_counter()
+        wait_for(lambda: int(stack.redis.hget(cursor, "cursor") or 0) >= items, 600, every=0.01)
+        fanned_s = time.perf_counter() - started
+        key = batch_fanout_key(second)
+        wait_for(lambda: int(stack.redis.hget(key, "cursor") or 0) >= items, 600, every=0.05)
+        t0 = time.perf_counter()
+        cancel = http.post(f"/v1/batches/{second}/cancel").json()
+        cancel_s = time.perf_counter() - t0
+        delivery.terminate()
+        delivery.wait(timeout=30)
+    return {
+        "items": items,
+        "accept_s": accept_s,
+        "accept_cmds": accept_cmds,
+        "fanout_per_s": items / fanned_s,
+        "cancel_s": cancel_s,
+        "cancelled": cancel["request_counts"]["cancelled"],
+        "cancel_status": cancel["status"],
+    }
+
+
 def run(args: argparse.Namespace) -> list[str]:
     with Stack(args.pool) as stack:
         # A job's whole life, on jobs a worker runs: submit, run, one poll.
@@ -255,6 +311,7 @@ def run(args: argparse.Namespace) -> list[str]:
         if statuses != Counter({202: args.waiters}):
             raise RuntimeError(f"submissions answered {dict(statuses)}")
         result = asyncio.run(waiters(stack, waiting, args.open_per_s))
+        batch = batches(stack, args.batch_items)
 
     jobs = len(ids)
     run_cmds = per_job(ran_from, ran_to, jobs)
@@ -296,6 +353,19 @@ def run(args: argparse.Namespace) -> list[str]:
         f"{result['answered']:.0f} |",
         f"| seconds from the first cancel to the last answer | {result['answered_s']:.1f} |",
         "",
+        f"### A {batch['items']:.0f}-line batch (no GPU worker)",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| seconds to accept it (`POST /v1/batches`, answered `validating`) | "
+        f"{batch['accept_s']:.2f} |",
+        f"| Redis commands the accept cost | {batch['accept_cmds']:.0f} |",
+        f"| items queued a second by one delivery worker (the fan-out) | "
+        f"{batch['fanout_per_s']:,.0f} |",
+        f"| seconds to cancel it once every item was queued | {batch['cancel_s']:.2f} |",
+        f"| items the cancel answer counted cancelled (status `{batch['cancel_status']}`) | "
+        f"{batch['cancelled']:.0f} |",
+        "",
     ]
 
 
@@ -313,6 +383,7 @@ def main() -> None:
         "--waiters", type=int, default=10_000, help="jobs submitted, then long-polled at once"
     )
     parser.add_argument("--open-per-s", type=int, default=1000, help="long polls opened a second")
+    parser.add_argument("--batch-items", type=int, default=50_000, help="lines per batch")
     parser.add_argument("--pool", type=int, default=100, help="GUARDFLEET_REDIS_MAX_CONNECTIONS")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()

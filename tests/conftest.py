@@ -201,6 +201,12 @@ def shared_worker(start_worker: StartWorker) -> Worker:
     return start_worker("shared@test")
 
 
+@pytest.fixture(scope="session")
+def shared_delivery(start_worker: StartWorker) -> Worker:
+    """A delivery worker on database 0, beside the shared worker: it fans batches out."""
+    return start_worker("delivery@test", wait=False, module="worker.delivery")
+
+
 @pytest.fixture
 def live_worker(shared_worker: Worker, redis_server: RedisServer) -> Worker:
     """The shared worker, with its heartbeat restored if a test flushed Redis."""

@@ -1,7 +1,13 @@
-"""The webhook delivery worker: `python -m worker.delivery` (no GPU, no torch).
+"""The delivery worker: `python -m worker.delivery` (no GPU, no torch). It sends webhooks and
+fans batches out.
 
-It consumes the `webhooks` queue, one attempt per task, and runs a small thread (the sweeper)
-that moves deliveries whose time has come from the outbox (a Redis sorted set) onto the queue. A
+Batches: a thread takes stored batches from `BATCHES_DUE` with a lease and queues their items
+(`guardfleet.batches.FanOut`); the lease is renewed with every chunk, so a worker that dies
+mid-batch leaves it to the next sweep of any delivery worker, which resumes at the cursor.
+
+Webhooks: it consumes the `webhooks` queue, one attempt per task, and runs a small thread (the
+sweeper) that moves deliveries whose time has come from the outbox (a Redis sorted set) onto the
+queue. A
 due entry is *leased* (pushed GUARDFLEET_WEBHOOK_LEASE_S into the future) rather than removed
 when it is queued, so a crash between taking it and queueing it, or a lost task, only delays the
 attempt; the task settles the entry (next attempt's time, or removed) once it has recorded it.
@@ -25,7 +31,8 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from guardfleet import logs
-from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
+from guardfleet.batches import FanOut
+from guardfleet.keys import BATCHES_DUE, QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import utcnow
 from guardfleet.settings import get_settings
@@ -109,9 +116,30 @@ def _requeue_due() -> None:
             log.warning("could not re-queue due webhooks: %s", exc)
 
 
+def _fan_out_due() -> None:
+    due = DueSet(_redis, BATCHES_DUE)
+    fan_out = FanOut(
+        _redis,
+        app,
+        _settings.result_ttl_s,
+        _settings.batch_fanout_chunk,
+        _settings.batch_fanout_lease_s,
+        _settings.job_stale_s,
+    )
+    while not _stop.wait(POLL_S):
+        try:
+            for batch_id in due.take_due(_settings.batch_fanout_lease_s, limit=1):
+                with logs.scope(batch_id=batch_id):
+                    written = fan_out.run(batch_id)
+                    log.info("batch %s: %d items queued", batch_id, written)
+        except redis.RedisError as exc:  # the lease brings the batch back
+            log.warning("could not fan out a batch: %s", exc)
+
+
 @worker_ready.connect
 def _start_scheduler(**_: Any) -> None:
     threading.Thread(target=_requeue_due, name="webhook-retries", daemon=True).start()
+    threading.Thread(target=_fan_out_due, name="batch-fan-out", daemon=True).start()
 
 
 @worker_shutdown.connect

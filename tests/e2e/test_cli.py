@@ -16,7 +16,7 @@ StartApi = Callable[..., ApiServer]
 
 
 @pytest.fixture(scope="module")
-def stack(start_api: StartApi, shared_worker: Worker) -> ApiServer:
+def stack(start_api: StartApi, shared_worker: Worker, shared_delivery: Worker) -> ApiServer:
     return start_api()
 
 

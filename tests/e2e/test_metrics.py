@@ -50,6 +50,12 @@ def test_the_api_and_a_worker_report_what_happened(
             for n in range(2)
         )
         batch = http.post("/v1/batches", content=lines).json()
+        start_worker("measured-hooks@test", wait=False, db=db, module="worker.delivery")
+        wait_until(
+            lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "in_progress",
+            30,
+            "the delivery worker to queue the batch",
+        )
         time.sleep(1.2)
         before = scrape(f"{api.url}/v1/metrics")  # no worker yet: the job waits on its lane
         assert value(before, "guardfleet_queue_depth", lane="bulk") == 4  # cancelled one too

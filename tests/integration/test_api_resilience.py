@@ -20,7 +20,7 @@ from api.main import create_app
 from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE, WORKER_REGISTRY, worker_key
 from guardfleet.schemas import WorkerHeartbeat, utcnow
 from guardfleet.settings import Settings
-from tests.conftest import ApiServer, RedisServer, db_url, free_port, wait_until
+from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, free_port, wait_until
 
 DB = 14  # no worker consumes this database: only the heartbeats written here exist
 
@@ -161,13 +161,20 @@ def test_redis_refusing_writes_is_a_503(private_redis: redis.Redis, refuse: Refu
 
 
 def test_cancelling_a_batch_counts_its_items_under_python_O(
-    start_api: Callable[..., ApiServer], redis_server: RedisServer
+    start_api: Callable[..., ApiServer], redis_server: RedisServer, start_worker: StartWorker
 ) -> None:
     """`python -O` strips asserts; progress recorded inside one would be lost with it."""
     redis.Redis.from_url(db_url(redis_server, DB)).flushdb()
     api = start_api(db=DB, PYTHONOPTIMIZE="1")
+    hooks = start_worker("optimized-hooks@test", wait=False, db=DB, module="worker.delivery")
     lines = "\n".join(json.dumps({"custom_id": str(i), "prompt": "hi"}) for i in range(5))
     batch = httpx.post(f"{api.url}/v1/batches", content=lines).json()
+    wait_until(
+        lambda: httpx.get(f"{api.url}/v1/batches/{batch['id']}").json()["status"] == "in_progress",
+        30,
+        "the delivery worker to queue the batch",
+    )
+    hooks.stop()  # this database is otherwise left without workers
     cancelled = httpx.post(f"{api.url}/v1/batches/{batch['id']}/cancel")
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["request_counts"]["cancelled"] == 5

@@ -19,7 +19,9 @@ from tests.conftest import RedisServer, StartWorker, Worker, db_url, free_port, 
 
 
 @pytest.fixture
-def api(redis_server: RedisServer, live_worker: Worker) -> Iterator[TestClient]:
+def api(
+    redis_server: RedisServer, live_worker: Worker, shared_delivery: Worker
+) -> Iterator[TestClient]:
     with TestClient(create_app(Settings(redis_url=redis_server.url))) as client:
         yield client
 
@@ -105,6 +107,7 @@ def test_a_thousand_line_batch(api: TestClient) -> None:
     )
     assert created.status_code == 202, created.text
     batch_id = created.json()["id"]
+    assert created.json()["status"] == "validating"  # stored; the delivery worker queues it
     assert created.json()["request_counts"]["total"] == 1000
     state: dict[str, object] = {}
 
@@ -125,19 +128,28 @@ def test_a_thousand_line_batch(api: TestClient) -> None:
     assert [r["custom_id"] for r in results] == [f"item-{i}" for i in range(1000)]
     assert {r["custom_id"]: r["result"]["prompt_harm"] for r in results} == expected
     assert all(r["status"] == "succeeded" and r["error"] is None for r in results)
+    assert state["created_at"] <= state["in_progress_at"] <= state["completed_at"]  # type: ignore[operator]
     batch_sizes = [r["result"]["batch_size"] for r in results]
     assert max(batch_sizes) > 1, "a thousand queued jobs must be micro-batched"
 
 
-def test_cancel_a_batch(redis_server: RedisServer) -> None:
-    db = 12  # no worker: every item stays queued until cancelled
+def test_cancel_a_batch(redis_server: RedisServer, start_worker: StartWorker) -> None:
+    db = 12  # a delivery worker queues the items, no worker runs them: cancel finds them queued
+    start_worker("cancel-hooks@test", wait=False, db=db, module="worker.delivery")
     with TestClient(create_app(Settings(redis_url=db_url(redis_server, db)))) as client:
         lines = "\n".join(json.dumps({"custom_id": str(i), "prompt": "hi"}) for i in range(20))
         batch = client.post("/v1/batches", content=lines).json()
+        wait_until(
+            lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "in_progress",
+            30,
+            "the delivery worker to queue the batch",
+        )
         cancelled = client.post(f"/v1/batches/{batch['id']}/cancel")
         assert cancelled.status_code == 200
         body = cancelled.json()
+        # Nothing was running, so cancelling the queued items ended it.
         assert body["status"] == "cancelled"
+        assert body["cancelling_at"] <= body["cancelled_at"]
         assert body["request_counts"]["cancelled"] == 20
         assert body["cancelled_at"] is not None
         assert client.post(f"/v1/batches/{batch['id']}/cancel").status_code == 409

@@ -1,0 +1,79 @@
+"""A delivery worker killed while it fans a batch out: another resumes at the cursor, and every
+item ends up queued exactly once."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+from collections import Counter
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from guardfleet.keys import (
+    BATCHES_DUE,
+    BATCHES_PENDING,
+    QUEUE_BULK,
+    batch_fanout_key,
+    batch_jobs_key,
+    batch_upload_key,
+    job_key,
+)
+from guardfleet.settings import Settings
+from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+
+ITEMS = 20_000
+ENV = {"GUARDFLEET_BATCH_FANOUT_CHUNK": "100", "GUARDFLEET_BATCH_FANOUT_LEASE_S": "2"}
+
+
+def _cursor(client: redis.Redis, batch_id: str) -> int:
+    return int(client.hget(batch_fanout_key(batch_id), "cursor") or 0)
+
+
+@pytest.mark.timeout(180)
+def test_a_fan_out_killed_midway_resumes_and_queues_each_item_once(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    db = 44
+    url = db_url(redis_server, db)
+    plain = redis.Redis.from_url(url)
+    plain.flushdb()
+    lines = "".join(
+        json.dumps({"custom_id": f"i{n}", "prompt": "How do I fold a fitted sheet?"}) + "\n"
+        for n in range(ITEMS)
+    )
+    with TestClient(create_app(Settings(redis_url=url))) as client:
+        batch_id = client.post("/v1/batches", content=lines).json()["id"]
+
+    first = start_worker("fanout-victim@test", wait=False, db=db, module="worker.delivery", **ENV)
+    wait_until(lambda: _cursor(plain, batch_id) > 0, 60, "the fan-out to start", every=0.01)
+    first.kill(signal.SIGKILL)
+    stopped_at = _cursor(plain, batch_id)
+    assert 0 < stopped_at < ITEMS, f"killed at {stopped_at}: not midway, the test proves nothing"
+
+    second = start_worker("fanout-rescuer@test", wait=False, db=db, module="worker.delivery", **ENV)
+    try:
+        wait_until(lambda: plain.zcard(BATCHES_DUE) == 0, 60, "the rescuer to finish the fan-out")
+    finally:
+        second.stop()
+
+    assert _cursor(plain, batch_id) == ITEMS
+    job_ids = [
+        i.decode() if isinstance(i, bytes) else i
+        for i in plain.lrange(batch_jobs_key(batch_id), 0, -1)
+    ]
+    assert len(job_ids) == len(set(job_ids)) == ITEMS
+    messages = [json.loads(m) for m in plain.lrange(QUEUE_BULK, 0, -1)]
+    queued = Counter(json.loads(base64.b64decode(m["body"]))[0][0] for m in messages)
+    assert queued == Counter(job_ids), "each item's job must have exactly one message"
+    with plain.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "doc")
+        docs = [json.loads(raw) for raw in pipe.execute()]
+    assert [d["custom_id"] for d in docs] == [f"i{n}" for n in range(ITEMS)]
+    assert {d["status"] for d in docs} == {"queued"}
+    assert plain.exists(batch_upload_key(batch_id)) == 0
+    assert plain.hlen(BATCHES_PENDING) == 0

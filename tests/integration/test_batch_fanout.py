@@ -1,0 +1,90 @@
+"""Batches are accepted in one transaction and queued by a delivery worker (the fan-out)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from guardfleet.keys import BATCHES_DUE, BATCHES_PENDING, QUEUE_BULK, batch_upload_key
+from guardfleet.settings import Settings
+from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+
+
+def _lines(count: int, prompt: str = "How do I fold a fitted sheet?") -> str:
+    return "".join(
+        json.dumps({"custom_id": f"i{n}", "prompt": prompt}) + "\n" for n in range(count)
+    )
+
+
+def _commands(client: redis.Redis) -> int:
+    """Commands Redis has run so far, leaving out the INFO calls that read the count."""
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def test_accepting_a_batch_costs_the_same_few_commands_at_any_size(
+    redis_server: RedisServer,
+) -> None:
+    """No delivery worker here: a stored batch waits, `validating`, with nothing queued."""
+    url = db_url(redis_server, 42)
+    plain = redis.Redis.from_url(url)
+    plain.flushdb()
+    costs, answers = [], []
+    with TestClient(create_app(Settings(redis_url=url))) as client:
+        client.post("/v1/batches", content=_lines(1))  # first use: connections, scripts
+        for size in (10, 20_000):
+            time.sleep(0.3)  # let the cached bulk backlog lapse, so each submit reads it
+            before = _commands(plain)
+            answers.append(client.post("/v1/batches", content=_lines(size)))
+            costs.append(_commands(plain) - before)
+    assert [a.status_code for a in answers] == [202, 202]
+    assert [a.json()["status"] for a in answers] == ["validating", "validating"]
+    assert [a.json()["request_counts"]["total"] for a in answers] == [10, 20_000]
+    assert costs[0] == costs[1] <= 20, costs
+    assert plain.llen(QUEUE_BULK) == 0
+    assert not list(plain.scan_iter("guardfleet:job:*"))
+    pending = [int(v) for v in plain.hvals(BATCHES_PENDING)]
+    assert sorted(pending) == [1, 10, 20_000]
+    assert plain.zcard(BATCHES_DUE) == 3
+
+
+def test_a_batch_cancelled_before_it_was_queued_has_every_item_cancelled(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    db = 43
+    url = db_url(redis_server, db)
+    plain = redis.Redis.from_url(url)
+    plain.flushdb()
+    with TestClient(create_app(Settings(redis_url=url))) as client:
+        batch = client.post("/v1/batches", content=_lines(50)).json()
+        cancel = client.post(f"/v1/batches/{batch['id']}/cancel")
+        assert cancel.status_code == 200, cancel.text
+        # Nothing is queued yet, so nothing could be cancelled yet: the fan-out will do it.
+        assert cancel.json()["status"] == "cancelling"
+        assert cancel.json()["request_counts"]["cancelled"] == 0
+        assert client.post(f"/v1/batches/{batch['id']}/cancel").status_code == 409
+        hooks = start_worker("cancel-fanout@test", wait=False, db=db, module="worker.delivery")
+        try:
+            wait_until(
+                lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "cancelled",
+                30,
+                "the fan-out to write the items cancelled",
+            )
+        finally:
+            hooks.stop()
+        done = client.get(f"/v1/batches/{batch['id']}").json()
+        assert done["request_counts"] == {"total": 50, "completed": 0, "failed": 0, "cancelled": 50}
+        assert done["in_progress_at"] is None  # it never ran
+        results = [
+            json.loads(r)
+            for r in client.get(f"/v1/batches/{batch['id']}/results").text.splitlines()
+        ]
+        assert [r["custom_id"] for r in results] == [f"i{n}" for n in range(50)]
+        assert {r["status"] for r in results} == {"cancelled"}
+    assert plain.llen(QUEUE_BULK) == 0  # no message for any of them
+    assert plain.exists(batch_upload_key(batch["id"])) == 0
+    assert plain.hlen(BATCHES_PENDING) == 0
