@@ -14,6 +14,7 @@ TTL.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -243,8 +244,9 @@ class FanOut:
         self.stale_s = stale_s
         self._settle = client.register_script(_SETTLE)
 
-    def run(self, batch_id: str) -> int:
-        """Queue what is left of a batch; returns how many items this call wrote."""
+    def run(self, batch_id: str, stop: threading.Event | None = None) -> int:
+        """Queue what is left of a batch; returns how many items this call wrote. Once `stop`
+        is set it hands the batch back between chunks, due at once for another worker."""
         state = self.client.hget(batch_state_key(batch_id), "total")
         upload = self.client.get(batch_upload_key(batch_id))
         if state is None:  # expired
@@ -267,6 +269,9 @@ class FanOut:
         written = 0
         while (step := self._step(batch_id, items)) is not None:
             written += step
+            if stop is not None and stop.is_set():
+                self.client.zadd(BATCHES_DUE, {batch_id: time.time()}, xx=True)
+                break
         return written
 
     def _step(self, batch_id: str, items: Sequence[BatchItem]) -> int | None:

@@ -135,11 +135,17 @@ class Stack:
                 proc.kill()
 
 
-def commands(client: redis.Redis) -> tuple[int, int, int]:
-    """Commands served so far (excluding INFO itself), and bytes in and out."""
+Totals = tuple[float, float, float, float]
+
+
+def commands(client: redis.Redis) -> Totals:
+    """Commands served so far (excluding INFO itself), bytes in and out, and the CPU
+    milliseconds Redis has used (its main thread does the commands' work)."""
     calls = sum(by_command(client).values())
     net: dict[str, Any] = client.info("stats")
-    return calls, net["total_net_input_bytes"], net["total_net_output_bytes"]
+    cpu: dict[str, Any] = client.info("cpu")
+    cpu_ms = 1000 * (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
+    return calls, net["total_net_input_bytes"], net["total_net_output_bytes"], cpu_ms
 
 
 def by_command(client: redis.Redis) -> Counter[str]:
@@ -147,7 +153,7 @@ def by_command(client: redis.Redis) -> Counter[str]:
     return Counter({k[8:]: v["calls"] for k, v in stats.items() if k != "cmdstat_info"})
 
 
-def per_job(before: tuple[int, int, int], after: tuple[int, int, int], jobs: int) -> list[float]:
+def per_job(before: Totals, after: Totals, jobs: int) -> list[float]:
     return [(b - a) / jobs for a, b in zip(before, after, strict=True)]
 
 
@@ -302,7 +308,8 @@ def run(args: argparse.Namespace) -> list[str]:
         asyncio.run(poll_each(stack.api_port, ids))
         polled = commands(stack.redis)
         time.sleep(IDLE_S)  # what the fleet costs Redis while nothing happens
-        chatter = (commands(stack.redis)[0] - polled[0]) / IDLE_S
+        idle = commands(stack.redis)
+        chatter, idle_cpu = (idle[0] - polled[0]) / IDLE_S, (idle[3] - polled[3]) / IDLE_S
         worker.terminate()
         worker.wait(timeout=60)
 
@@ -316,11 +323,12 @@ def run(args: argparse.Namespace) -> list[str]:
     jobs = len(ids)
     run_cmds = per_job(ran_from, ran_to, jobs)
     run_cmds[0] -= chatter * ran_s / jobs
+    run_cmds[3] -= idle_cpu * ran_s / jobs
     parts = [per_job(before, submitted, jobs), run_cmds, per_job(ran_to, polled, jobs)]
     total = [sum(column) for column in zip(*parts, strict=True)]
 
     def row(name: str, v: list[float]) -> str:
-        return f"| {name} | {v[0]:.1f} | {v[1] / 1024:.2f} | {v[2] / 1024:.2f} |"
+        return f"| {name} | {v[0]:.1f} | {v[1] / 1024:.2f} | {v[2] / 1024:.2f} | {v[3]:.3f} |"
 
     return [
         "### Accepting jobs: one API process",
@@ -330,12 +338,15 @@ def run(args: argparse.Namespace) -> list[str]:
         "",
         f"### Redis per async job ({jobs} jobs, one CPU worker on the demo model)",
         "",
-        "| step | commands | KiB in | KiB out |",
-        "|---|---:|---:|---:|",
+        "| step | commands | KiB in | KiB out | Redis CPU ms |",
+        "|---|---:|---:|---:|---:|",
         row("submit (`POST /v1/jobs`)", parts[0]),
         row(f"run (in {ran_s:.0f} s; idle chatter of {chatter:.0f}/s taken out)", parts[1]),
         row("one poll (`GET /v1/jobs/{id}`)", parts[2]),
         row("**whole job**", total),
+        "",
+        f"At {total[3]:.3f} ms of Redis CPU a job, one Redis core (Redis runs commands on one "
+        f"thread) would serve about **{1000 / total[3]:,.0f} jobs/s** like these.",
         "",
         "Commands of the run step, per job (Lua scripts' own calls count, as in INFO "
         "commandstats): " + ", ".join(f"{k} {n / jobs:.1f}" for k, n in mix.most_common(12)),

@@ -291,3 +291,26 @@ def start_api(
     for server in servers:
         server.process.terminate()
         server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    """A Redis of this test's own: for a test that breaks it, or counts every command it runs."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = free_port()
+    workdir = str(tmp_path_factory.mktemp("oom"))
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(answers, 10, "the private redis-server")
+    yield client
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from guardfleet import logs
 from guardfleet.batches import FanOut
@@ -130,21 +130,32 @@ def _fan_out_due() -> None:
         try:
             for batch_id in due.take_due(_settings.batch_fanout_lease_s, limit=1):
                 with logs.scope(batch_id=batch_id):
-                    written = fan_out.run(batch_id)
+                    written = fan_out.run(batch_id, _stop)
                     log.info("batch %s: %d items queued", batch_id, written)
         except redis.RedisError as exc:  # the lease brings the batch back
             log.warning("could not fan out a batch: %s", exc)
 
 
+_fan_out = threading.Thread(target=_fan_out_due, name="batch-fan-out", daemon=True)
+
+
 @worker_ready.connect
 def _start_scheduler(**_: Any) -> None:
     threading.Thread(target=_requeue_due, name="webhook-retries", daemon=True).start()
-    threading.Thread(target=_fan_out_due, name="batch-fan-out", daemon=True).start()
+    _fan_out.start()
+
+
+@worker_shutting_down.connect
+def _stop_scheduler(**_: Any) -> None:
+    # At the signal, not at the end of Celery's shutdown: a batch being fanned out is handed
+    # back after its current chunk, due at once for another delivery worker.
+    _stop.set()
 
 
 @worker_shutdown.connect
-def _stop_scheduler(**_: Any) -> None:
-    _stop.set()
+def _wait_for_fan_out(**_: Any) -> None:
+    if _fan_out.is_alive():
+        _fan_out.join(timeout=30)
 
 
 def main() -> None:

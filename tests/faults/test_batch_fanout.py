@@ -1,5 +1,5 @@
-"""A delivery worker killed while it fans a batch out: another resumes at the cursor, and every
-item ends up queued exactly once."""
+"""A delivery worker killed (or stopped) while it fans a batch out: another resumes at the
+cursor, and every item ends up queued exactly once."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from guardfleet.settings import Settings
 from tests.conftest import RedisServer, StartWorker, db_url, wait_until
 
 ITEMS = 20_000
-ENV = {"GUARDFLEET_BATCH_FANOUT_CHUNK": "100", "GUARDFLEET_BATCH_FANOUT_LEASE_S": "2"}
+LEASE_S = {signal.SIGKILL: 2, signal.SIGTERM: 120}
 
 
 def _cursor(client: redis.Redis, batch_id: str) -> int:
@@ -34,10 +34,17 @@ def _cursor(client: redis.Redis, batch_id: str) -> int:
 
 
 @pytest.mark.timeout(180)
-def test_a_fan_out_killed_midway_resumes_and_queues_each_item_once(
-    redis_server: RedisServer, start_worker: StartWorker
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_fan_out_stopped_midway_resumes_and_queues_each_item_once(
+    redis_server: RedisServer, start_worker: StartWorker, sig: signal.Signals
 ) -> None:
+    """Killed, the batch waits out its lease (2 s here); stopped, the worker hands it back
+    between chunks, so the rescuer need not wait out a lease (120 s here) at all."""
     db = 44
+    env = {
+        "GUARDFLEET_BATCH_FANOUT_CHUNK": "100",
+        "GUARDFLEET_BATCH_FANOUT_LEASE_S": str(LEASE_S[sig]),
+    }
     url = db_url(redis_server, db)
     plain = redis.Redis.from_url(url)
     plain.flushdb()
@@ -48,13 +55,13 @@ def test_a_fan_out_killed_midway_resumes_and_queues_each_item_once(
     with TestClient(create_app(Settings(redis_url=url))) as client:
         batch_id = client.post("/v1/batches", content=lines).json()["id"]
 
-    first = start_worker("fanout-victim@test", wait=False, db=db, module="worker.delivery", **ENV)
+    first = start_worker("fanout-victim@test", wait=False, db=db, module="worker.delivery", **env)
     wait_until(lambda: _cursor(plain, batch_id) > 0, 60, "the fan-out to start", every=0.01)
-    first.kill(signal.SIGKILL)
+    first.kill(sig)
     stopped_at = _cursor(plain, batch_id)
     assert 0 < stopped_at < ITEMS, f"killed at {stopped_at}: not midway, the test proves nothing"
 
-    second = start_worker("fanout-rescuer@test", wait=False, db=db, module="worker.delivery", **ENV)
+    second = start_worker("fanout-rescuer@test", wait=False, db=db, module="worker.delivery", **env)
     try:
         wait_until(lambda: plain.zcard(BATCHES_DUE) == 0, 60, "the rescuer to finish the fan-out")
     finally:

@@ -5,8 +5,6 @@ be set to what a real fleet may show (a skewed clock, a bulk-only worker, anothe
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -110,29 +108,6 @@ def test_readiness_trusts_the_key_ttl_not_the_workers_clock(
     assert ready.status_code == 200, ready.text
     redis.Redis.from_url(db_url(redis_server, DB)).delete(worker_key("skewed@test"))
     assert client.get("/v1/health/ready").status_code == 503  # the key expired: gone
-
-
-@pytest.fixture
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
-    """A Redis of this test's own: it is made to refuse writes, which would hurt the others."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    port = free_port()
-    workdir = str(tmp_path_factory.mktemp("oom"))
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(answers, 10, "the private redis-server")
-    yield client
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 RefuseWrites = Callable[[redis.Redis], object]

@@ -27,12 +27,13 @@ def _commands(client: redis.Redis) -> int:
 
 
 def test_accepting_a_batch_costs_the_same_few_commands_at_any_size(
-    redis_server: RedisServer,
+    private_redis: redis.Redis,
 ) -> None:
-    """No delivery worker here: a stored batch waits, `validating`, with nothing queued."""
-    url = db_url(redis_server, 42)
-    plain = redis.Redis.from_url(url)
-    plain.flushdb()
+    """On a Redis of its own (the others' workers would add their commands to the count), and
+    no delivery worker: a stored batch waits, `validating`, with nothing queued."""
+    plain = private_redis
+    port = plain.connection_pool.connection_kwargs["port"]
+    url = f"redis://127.0.0.1:{port}/0"
     costs, answers = [], []
     with TestClient(create_app(Settings(redis_url=url))) as client:
         client.post("/v1/batches", content=_lines(1))  # first use: connections, scripts
