@@ -1,8 +1,11 @@
 """Following a job's live events (`guardfleet.streams`): the API's side of streaming.
 
-Each reader blocks on the job's Redis Stream for up to a second at a time, so it holds a pooled
-connection while it waits; `None` from `follow` is that second passing, when a reader checks its
-deadline or the job record.
+A reader does not block on the job's Redis Stream (that would hold a pooled connection for as long
+as it waits: a few hundred idle streams would take every connection). Each entry added to a stream
+is announced on the job's stream channel; readers wait on the process's shared subscriber
+(`api.waiters`) and read what is new without blocking, so a connection is theirs only for that
+read. `None` from `follow` is a quiet second passing, when a reader checks its deadline or the
+job record.
 """
 
 from __future__ import annotations
@@ -19,14 +22,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api import jobs
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import job_key, job_stream
+from guardfleet.keys import job_key, job_stream, job_stream_channel
 from guardfleet.schemas import Job, JobError, JobStatus
 from guardfleet.streams import Entry
 
 log = logging.getLogger(__name__)
 
 PING_S = 15  # an SSE comment this often keeps idle proxies from closing a quiet stream
-BLOCK_MS = 1000  # one quiet "tick" of `follow`
+TICK_S = 1.0  # one quiet "tick" of `follow`
 READ_COUNT = 256
 RECHECK_S = 5  # quiet seconds between reads of the job record, a safety net under the stream
 TERMINAL = {status.value for status in JobStatus if status.terminal}
@@ -58,26 +61,31 @@ async def follow(res: Resources, job_id: str) -> AsyncIterator[Entry | None]:
     errors are retried for up to GUARDFLEET_REDIS_OUTAGE_S, then raised."""
     key, after = job_stream(job_id), "0-0"
     failing_since: float | None = None
-    while True:
-        try:
-            # RESP2 (our clients' protocol): [[key, [(id, fields), ...]]], or [] on timeout.
-            found: Any = await res.redis.xread({key: after}, count=READ_COUNT, block=BLOCK_MS)
-        except redis.RedisError as exc:
-            now = asyncio.get_running_loop().time()
-            failing_since = failing_since or now
-            if now - failing_since > res.settings.redis_outage_s:
-                raise
-            log.warning("reading the stream of job %s failed (retrying): %s", job_id, exc)
-            await asyncio.sleep(0.5)
-            continue
-        failing_since = None
-        if not found:
-            yield None
-            continue
-        for entry_id, fields in found[0][1]:
-            entry = Entry.parse(entry_id, fields)
-            after = entry.id
-            yield entry
+    async with res.waiters.watch(job_stream_channel(job_id)) as appended:
+        while True:
+            appended.clear()  # before the read: an entry added after it wakes us again
+            try:
+                # RESP2 (our clients' protocol): [[key, [(id, fields), ...]]], or [] if none.
+                found: Any = await res.redis.xread({key: after}, count=READ_COUNT)
+            except redis.RedisError as exc:
+                now = asyncio.get_running_loop().time()
+                failing_since = failing_since or now
+                if now - failing_since > res.settings.redis_outage_s:
+                    raise
+                log.warning("reading the stream of job %s failed (retrying): %s", job_id, exc)
+                await asyncio.sleep(0.5)
+                continue
+            failing_since = None
+            if found:
+                for entry_id, fields in found[0][1]:
+                    entry = Entry.parse(entry_id, fields)
+                    after = entry.id
+                    yield entry
+                continue
+            try:
+                await asyncio.wait_for(appended.wait(), TICK_S)
+            except TimeoutError:
+                yield None
 
 
 class NoProgress(Exception):

@@ -49,6 +49,13 @@ def job_stream(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:stream"
 
 
+def job_stream_channel(job_id: str) -> str:
+    """Pub/sub channel on which each entry added to a job's stream is announced (payload: the
+    entry's kind), so readers wait on the API's shared subscriber, not on a blocking read each.
+    The scripts build it as the stream key plus ":new"."""
+    return job_stream(job_id) + ":new"
+
+
 def worker_key(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 

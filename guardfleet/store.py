@@ -45,6 +45,7 @@ local function note_status(job, stream, status, attempt, maxlen, ttl)
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'kind', 'status', 'status', status,
                'attempt', attempt)
     redis.call('EXPIRE', stream, ttl)
+    redis.call('PUBLISH', stream .. ':new', 'status')
     return 2
   end
   return 1

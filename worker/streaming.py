@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import redis
 
 from guardfleet import streams
-from guardfleet.keys import job_stream
+from guardfleet.keys import job_stream, job_stream_channel
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class Publisher:
                 fields = streams.text_fields(tap.attempt, offset, text, tokens, newest)
                 pipe.xadd(key, fields, maxlen=streams.MAX_ENTRIES, approximate=True)
                 pipe.expire(key, streams.TTL_S)
+                pipe.publish(job_stream_channel(tap.job_id), "text")
                 writes.append((tap, text, tokens))
             if writes:
                 pipe.execute()

@@ -14,7 +14,7 @@ import httpx
 import redis
 
 from api.main import REDIS_CLIENT_NAME
-from guardfleet.keys import job_channel
+from guardfleet.keys import job_channel, job_stream_channel
 from tests.conftest import ApiServer, RedisServer, db_url, queue_backlog
 
 WAITERS = 1000
@@ -93,3 +93,50 @@ def test_a_thousand_long_polls_share_one_subscriber_and_survive_its_reconnect(
     assert Counter(status for status, _ in answers) == {200: WAITERS}
     assert Counter(job["status"] for _, job in answers) == {"cancelled": WAITERS}
     assert _subscribed(client, ids) == 0, "channels left subscribed after their waiters left"
+
+
+STREAMS = 200
+
+
+async def _stream(url: str, path: str) -> list[str]:
+    """The event names of one Server-Sent Events response, read to its end."""
+    host, port = urlsplit(url).hostname or "", urlsplit(url).port or 80
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    raw = await reader.read()  # to the server's close, after the last event
+    writer.close()
+    return [line[7:] for line in raw.decode().splitlines() if line.startswith("event: ")]
+
+
+def test_idle_streams_do_not_hold_redis_connections(
+    redis_server: RedisServer, start_api: Callable[..., ApiServer]
+) -> None:
+    """Many more streams than pooled connections: each waits on the shared subscriber, so none
+    starves for a connection while the others wait (a blocking read each would hold one)."""
+    db = 45
+    url = db_url(redis_server, db)
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    api = start_api(
+        db=db, GUARDFLEET_REDIS_MAX_CONNECTIONS=str(POOL), GUARDFLEET_REDIS_OUTAGE_S="3"
+    )
+    _, ids = queue_backlog(url, [f"Is {i} a square?" for i in range(STREAMS)])
+
+    async def scenario() -> list[list[str]]:
+        streams = [asyncio.create_task(_stream(api.url, f"/v1/jobs/{i}/events")) for i in ids]
+        # Idle for longer than a request may wait for a pooled connection (the Redis timeout,
+        # 2 s) and than Redis errors are retried (3 s here): readers that each held a connection
+        # while waiting would starve the rest into `error` events.
+        await asyncio.sleep(6)
+        held = len(_api_clients(client, db))
+        assert 1 <= held <= POOL + 1, f"{held} Redis connections for {STREAMS} streams"
+        channels = [job_stream_channel(i) for i in ids]
+        assert sum(1 for _, n in client.pubsub_numsub(*channels) if n > 0) == STREAMS
+        async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
+            for chunk in range(0, STREAMS, 50):
+                sent = [http.post(f"/v1/jobs/{i}/cancel") for i in ids[chunk : chunk + 50]]
+                assert {r.status_code for r in await asyncio.gather(*sent)} == {200}
+        return await asyncio.gather(*streams)
+
+    events = asyncio.run(scenario())
+    assert Counter(tuple(e) for e in events) == {("status", "status", "done"): STREAMS}
