@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
@@ -17,7 +16,7 @@ from api.deps import Resources, require_api_key
 from api.request_ids import ObserveRequests
 from api.routes import batches, chat, health, jobs
 from api.waiters import Waiters
-from guardfleet import logs
+from guardfleet import logs, redis_conn
 from guardfleet.batches import AsyncBatchStore
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import BatchItem
@@ -81,15 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Bounded: a burst of requests queues for a connection instead of opening one each.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            client_name=REDIS_CLIENT_NAME,  # tells the API's connections apart in CLIENT LIST
-        )
-        client = aioredis.Redis.from_pool(pool)
+        client = redis_conn.connect_async(settings, REDIS_CLIENT_NAME)
         ttl = settings.result_ttl_s
         app.state.resources = Resources(
             settings,

@@ -18,6 +18,7 @@ from guardfleet.keys import (
     QUEUE_WEBHOOKS,
     TASK_RUN_JOB,
 )
+from guardfleet.redis_conn import broker_options
 from guardfleet.settings import Settings
 
 
@@ -43,6 +44,7 @@ def make_celery(settings: Settings) -> Celery:
             "queue_order_strategy": "priority",
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
+            **broker_options(settings),
         },
         broker_connection_timeout=settings.redis_timeout_s,
         broker_connection_retry_on_startup=True,

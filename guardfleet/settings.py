@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     # --- shared -----------------------------------------------------------------------------
     redis_url: str = "redis://localhost:6379/0"
+    redis_sentinel_master: str = Field(
+        "", description="with a sentinel:// Redis URL: the name the sentinels monitor"
+    )
     redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout for Redis calls")
     redis_max_connections: int = Field(
         100,
@@ -171,8 +174,14 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
-        if urlparse(v).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        schemes = {urlparse(part.strip()).scheme for part in v.split(";")}
+        if schemes == {"sentinel"}:
+            return v
+        if len(schemes) > 1 or schemes - {"redis", "rediss", "unix"}:
+            raise ValueError(
+                "must be a redis://, rediss:// or unix:// URL, or sentinel://host:port URLs "
+                "joined by ';'"
+            )
         return v
 
     @field_validator("device")
@@ -187,6 +196,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if urlparse(self.redis_url).scheme == "sentinel" and not self.redis_sentinel_master:
+            raise ValueError("a sentinel:// redis_url needs GUARDFLEET_REDIS_SENTINEL_MASTER")
         if self.max_batch_items > self.max_queued_bulk:
             raise ValueError("max_batch_items must not exceed max_queued_bulk (no batch could fit)")
         if self.heartbeat_interval_s >= self.heartbeat_ttl_s:

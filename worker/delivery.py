@@ -30,7 +30,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from guardfleet import logs
+from guardfleet import logs, redis_conn
 from guardfleet.batches import FanOut
 from guardfleet.keys import BATCHES_DUE, QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
@@ -54,11 +54,7 @@ def create_app() -> Celery:
 
 app = create_app()
 _settings = get_settings()
-_redis = redis.Redis.from_url(
-    _settings.redis_url,
-    socket_timeout=_settings.redis_timeout_s,
-    socket_connect_timeout=_settings.redis_timeout_s,
-)
+_redis = redis_conn.connect(_settings)
 _store = DeliveryStore(_redis, _settings.result_ttl_s)
 _http = WebhookSender()
 _rng = random.Random()

@@ -19,6 +19,7 @@ from datetime import timedelta
 
 import redis
 
+from guardfleet import redis_conn
 from guardfleet.keys import WORKER_REGISTRY, worker_key
 from guardfleet.schemas import WorkerHeartbeat, utcnow
 from guardfleet.settings import get_settings
@@ -48,11 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = get_settings()
     host = socket.gethostname()
-    client = redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-    )
+    client = redis_conn.connect(settings)
     try:
         found = own_heartbeat(client, host, args.name, settings.heartbeat_ttl_s)
     except redis.RedisError as exc:

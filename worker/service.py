@@ -21,7 +21,7 @@ from typing import TypeVar
 import redis
 import torch
 
-from guardfleet import batches, logs, webhooks
+from guardfleet import batches, logs, redis_conn, webhooks
 from guardfleet.errors import GuardfleetError
 from guardfleet.keys import QUEUE_BULK
 from guardfleet.schemas import Batch, BatchStatus, Job, JobError, JobStatus, utcnow
@@ -62,11 +62,7 @@ class WorkerService:
             stall_s=settings.model_stall_s,
             fault=settings.inject_fault,
         )
-        self.redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-        )
+        self.redis = redis_conn.connect(settings)
         self.store = JobStore(self.redis, settings.result_ttl_s, settings.job_stale_s)
         self.reconciler = Reconciler(self.redis, send_task, settings.job_stale_s)
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)

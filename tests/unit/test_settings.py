@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from guardfleet.redis_conn import broker_options, parse_sentinels
 from guardfleet.settings import DEMO_MODEL, Settings
 
 
@@ -66,3 +67,15 @@ def test_every_setting_is_documented_in_the_readme() -> None:
         if f"`GUARDFLEET_{name.upper()}`" not in readme
     ]
     assert missing == []
+
+
+def test_a_sentinel_url_names_every_sentinel_and_needs_a_master_name() -> None:
+    url = "sentinel://:s3cret@10.0.0.1:26379;sentinel://10.0.0.2/3"
+    assert parse_sentinels(url) == ([("10.0.0.1", 26379), ("10.0.0.2", 26379)], 3, "s3cret")
+    settings = Settings(redis_url=url, redis_sentinel_master="guardfleet")
+    assert broker_options(settings)["master_name"] == "guardfleet"
+    assert broker_options(Settings()) == {}
+    with pytest.raises(ValidationError, match="GUARDFLEET_REDIS_SENTINEL_MASTER"):
+        Settings(redis_url=url)
+    with pytest.raises(ValidationError, match="sentinel://host:port"):
+        Settings(redis_url="sentinel://a:1;redis://b:2/0", redis_sentinel_master="m")
