@@ -22,7 +22,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api import jobs
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import job_key, job_stream, job_stream_channel
+from guardfleet.keys import JOB_NOTICES, job_key, job_stream, job_stream_channel
 from guardfleet.schemas import Job, JobError, JobStatus
 from guardfleet.streams import Entry
 
@@ -34,11 +34,15 @@ READ_COUNT = 256
 RECHECK_S = 5  # quiet seconds between reads of the job record, a safety net under the stream
 TERMINAL = {status.value for status in JobStatus if status.terminal}
 
-# KEYS: job. Marks the job watched and returns its document in one step: every change after
-# this is in the stream.
+# KEYS: job. ARGV: the notices channel, the job id. Marks the job watched and returns its
+# document in one step: every change after this is in the stream. A running job's worker is told
+# at once, so it starts writing the text.
 _WATCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'watch', 1)
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+end
 return redis.call('HGET', KEYS[1], 'doc')
 """
 
@@ -52,7 +56,7 @@ def stream_id(value: str) -> tuple[int, int]:
 async def watch(res: Resources, job_id: str) -> Job | None:
     """Start streaming a job: from now on its status changes and text go to its stream.
     Returns the job as it was at that moment."""
-    doc = await res.redis.eval(_WATCH, 1, job_key(job_id))
+    doc = await res.redis.eval(_WATCH, 1, job_key(job_id), JOB_NOTICES, job_id)
     return None if doc is None else Job.model_validate_json(doc)
 
 

@@ -38,6 +38,12 @@ def job_key(job_id: str) -> str:
 OPEN_JOBS = f"{PREFIX}:jobs:open"
 
 
+# One channel for the whole fleet, rarely used: a running job was cancelled, or someone started
+# streaming it (payload: the job id). Each GPU worker listens, so its running jobs hear of both at
+# once instead of polling their status (`worker.notices`).
+JOB_NOTICES = f"{PREFIX}:jobs:notices"
+
+
 def job_channel(job_id: str) -> str:
     """Pub/sub channel announcing each status change of a job (payload: the new status)."""
     return f"{PREFIX}:job:{job_id}:events"

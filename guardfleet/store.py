@@ -35,13 +35,13 @@ import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
 from guardfleet import streams
-from guardfleet.keys import OPEN_JOBS, STATS, job_channel, job_key, job_stream
+from guardfleet.keys import JOB_NOTICES, OPEN_JOBS, STATS, job_channel, job_key, job_stream
 from guardfleet.schemas import Job, JobStatus
 
 # Shared by the scripts below: a watched job's status changes also go to its stream.
 _NOTE_STATUS = """
-local function note_status(job, stream, status, attempt, maxlen, ttl)
-  if redis.call('HEXISTS', job, 'watch') == 1 then
+local function note_status(watched, stream, status, attempt, maxlen, ttl)
+  if watched then
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'kind', 'status', 'status', status,
                'attempt', attempt)
     redis.call('EXPIRE', stream, ttl)
@@ -57,7 +57,7 @@ end
 _START = (
     _NOTE_STATUS
     + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg')
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg', 'watch')
 if not h[1] then return -1 end
 if h[1] ~= 'queued' then
   if h[1] ~= 'running' then return 0 end
@@ -70,17 +70,17 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', KEYS[2], 'running')
-return note_status(KEYS[1], KEYS[4], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
+return note_status(h[6], KEYS[4], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
 """
 )
 
 # KEYS: job, channel, open index, stream, fleet counters. ARGV: doc, new (final) status,
 # allowed-from statuses, ttl, required current attempt ('' = any), job id, stream maxlen,
-# stream ttl.
+# stream ttl, notices channel (told when a running job is cancelled).
 _END = (
     _NOTE_STATUS
     + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'watch')
 if not h[1] then return -1 end
 if not string.find(',' .. ARGV[3] .. ',', ',' .. h[1] .. ',', 1, true) then return 0 end
 if ARGV[5] ~= '' and h[2] ~= ARGV[5] then return 0 end
@@ -88,8 +88,9 @@ redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[6])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
+if h[1] == 'running' and ARGV[2] == 'cancelled' then redis.call('PUBLISH', ARGV[9], ARGV[6]) end
 redis.call('HINCRBY', KEYS[5], 'jobs_ended:' .. ARGV[2], 1)
-note_status(KEYS[1], KEYS[4], ARGV[2], h[2], ARGV[7], ARGV[8])
+note_status(h[3], KEYS[4], ARGV[2], h[2], ARGV[7], ARGV[8])
 return 1
 """
 )
@@ -124,6 +125,7 @@ def _end_args(job: Job, ttl_s: int, required_attempt: int | None) -> tuple[list[
         job.id,
         streams.MAX_ENTRIES,
         streams.TTL_S,
+        JOB_NOTICES,
     ]
 
 

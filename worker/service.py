@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import redis
@@ -32,6 +31,7 @@ from worker.batching import BatchPolicy
 from worker.engine import Engine
 from worker.errors import HandBack, ModelUnavailable, StoreUnavailable
 from worker.heartbeat import Heartbeat
+from worker.notices import SAFETY_POLL_S, Notices
 from worker.prompting import interpret, prepare
 from worker.reconcile import Reconciler
 from worker.runner import Runner, Timed
@@ -39,7 +39,7 @@ from worker.streaming import Publisher, Tap
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-CANCEL_POLL_S = 0.5  # how often a running job's status is read, to notice a cancel
+TICK_S = 0.5  # how often a waiting task thread checks that the model thread is alive
 
 
 class WorkerService:
@@ -67,6 +67,8 @@ class WorkerService:
         self.reconciler = Reconciler(self.redis, send_task, settings.job_stale_s)
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.publisher = Publisher(self.redis, self.engine.decode)
+        self.notices = Notices(self.redis)
+        self.notices.start()
         if settings.worker_metrics_port:
             device = self.engine.device
             metrics.serve(
@@ -115,6 +117,7 @@ class WorkerService:
             self.heartbeat.stop()
         self.runner.stop()
         self.publisher.stop()
+        self.notices.stop()
 
     def run(self, job_id: str, task_id: str, gen: int, lane: str | None = None) -> None:
         """Run one job to its end for the message (`task_id`, `gen`); raises a `HandBack`
@@ -159,23 +162,30 @@ class WorkerService:
 
     def _wait(self, job_id: str, future: Future[Timed], cancel: threading.Event, tap: Tap) -> Timed:
         """The generation's result. Meanwhile, a job cancelled through the API has its row
-        dropped at the next step, one that someone starts streaming gets its text published,
-        and a broken model thread hands the job back."""
-        while True:
-            try:
-                return future.result(timeout=CANCEL_POLL_S)
-            except FutureTimeout:
-                pass
-            if (reason := self.runner.problem()) is not None:
-                raise ModelUnavailable(reason)
-            try:
-                status, watched = self.store.poll(job_id)
-            except redis.RedisError:
-                continue  # a blip only delays noticing; the job's own writes retry as usual
-            if status == JobStatus.CANCELLED.value and not cancel.is_set():
-                cancel.set()
-            if watched and not tap.watched:
-                self.publisher.watch(tap)
+        dropped at the next step, one that someone starts streaming gets its text published
+        (both announced by `Notices`, and read every SAFETY_POLL_S anyway), and a broken model
+        thread hands the job back."""
+        with self.notices.watch(job_id) as noticed:
+            future.add_done_callback(lambda _: noticed.set())
+            polled = time.monotonic()
+            while True:
+                noticed.wait(TICK_S)
+                if future.done():
+                    return future.result()
+                if (reason := self.runner.problem()) is not None:
+                    raise ModelUnavailable(reason)
+                if not noticed.is_set() and time.monotonic() - polled < SAFETY_POLL_S:
+                    continue
+                noticed.clear()
+                polled = time.monotonic()
+                try:
+                    status, watched = self.store.poll(job_id)
+                except redis.RedisError:
+                    continue  # a blip only delays noticing; the job's own writes retry as usual
+                if status == JobStatus.CANCELLED.value and not cancel.is_set():
+                    cancel.set()
+                if watched and not tap.watched:
+                    self.publisher.watch(tap)
 
     def _redis(self, what: str, call: Callable[[], T]) -> T:
         """`call()`, retried through Redis errors for up to `redis_outage_s`."""

@@ -1,0 +1,41 @@
+"""Running jobs hear of cancels and new readers through one subscription per worker
+(`worker.notices`), instead of each reading its status twice a second while it waits."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from guardfleet.schemas import JobStatus
+from tests.conftest import StartWorker, queue_backlog, wait_until
+
+JOBS = 40
+
+
+@pytest.mark.timeout(240)
+def test_waiting_jobs_do_not_poll_their_status(
+    private_redis: redis.Redis, start_worker: StartWorker
+) -> None:
+    """One row at a time and a task thread per job: most jobs wait seconds for their turn,
+    which used to cost a status read per job every half second."""
+    port = private_redis.connection_pool.connection_kwargs["port"]
+    url = f"redis://127.0.0.1:{port}/0"
+    start_worker(
+        "notices@test",
+        url=url,
+        GUARDFLEET_MAX_BATCH_SIZE="1",
+        GUARDFLEET_WORKER_THREADS=str(JOBS),
+    )
+    private_redis.config_resetstat()
+    store, ids = queue_backlog(
+        url, [f"How do I sharpen a kitchen knife, take {i}?" for i in range(JOBS)]
+    )
+    wait_until(
+        lambda: all((j := store.get(i)) and j.status is JobStatus.SUCCEEDED for i in ids),
+        180,
+        "every job to succeed",
+    )
+    calls = private_redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+    # Two per job are the start and end scripts' own reads; polling added one per half second
+    # of every job's wait.
+    assert calls <= 2 * JOBS + 2, f"{calls} HMGETs for {JOBS} jobs"
