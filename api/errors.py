@@ -66,7 +66,7 @@ _DESCRIPTIONS = {
     429: "the bulk queue is full: nothing was queued; retry after `Retry-After` seconds",
     500: "the request could not be completed",
     503: "Redis is unavailable or refusing writes, or no worker can serve a sync call now "
-    "(none ready, or too many calls waiting: see `Retry-After`)",
+    "(none ready, or too many calls waiting); retry after `Retry-After` seconds",
     504: "no answer within the sync timeout; the job still runs",
 }
 
@@ -162,9 +162,13 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
+    # Unreachable, timing out, or (behind Sentinel) no master elected yet: usually seconds.
     log.warning("redis unavailable: %s", exc)
     return error_response(
-        503, f"the job queue (Redis) is unavailable: {exc}", code="queue_unavailable"
+        503,
+        f"the job queue (Redis) is unavailable: {exc}",
+        code="queue_unavailable",
+        headers={"Retry-After": "2"},
     )
 
 

@@ -135,6 +135,7 @@ def test_redis_down_is_a_prompt_503(client: TestClient) -> None:
     response = client.post("/v1/jobs", json={"prompt": "hello"})
     assert response.status_code == 503
     assert envelope(response)["code"] == "queue_unavailable"
+    assert response.headers["retry-after"] == "2"
     assert client.get("/v1/jobs/job_x").status_code == 503
     ready = client.get("/v1/health/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
