@@ -214,6 +214,17 @@ class JobStore:
         keys, args = _end_args(job, self.ttl_s, job.attempts)
         _check(int(self._end(keys=keys, args=args)), job)
 
+    def save_many(self, jobs: Sequence[Job]) -> list[bool]:
+        """Changes made for the API (a batch's queued items cancelled), many in one round
+        trip, no attempt required; True where the change was made."""
+        if not jobs:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                keys, args = _end_args(job, self.ttl_s, None)
+                self._end(keys=keys, args=args, client=pipe)
+            return [int(code) == 1 for code in pipe.execute()]
+
 
 class AsyncJobStore:
     def __init__(self, client: aioredis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
@@ -246,13 +257,3 @@ class AsyncJobStore:
         jobs."""
         keys, args = _end_args(job, self.ttl_s, None)
         _check(int(await self._end(keys=keys, args=args)), job)
-
-    async def save_many(self, jobs: Sequence[Job]) -> list[bool]:
-        """Like `save` for many jobs in one round trip; True where the change was made."""
-        if not jobs:
-            return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                keys, args = _end_args(job, self.ttl_s, None)
-                await self._end(keys=keys, args=args, client=pipe)
-            return [int(code) == 1 for code in await pipe.execute()]

@@ -31,7 +31,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from guardfleet import logs, redis_conn
-from guardfleet.batches import FanOut
+from guardfleet.fanout import FanOut
 from guardfleet.keys import BATCHES_DUE, QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import utcnow

@@ -23,10 +23,9 @@ from api.deps import CallerDep, Resources, ResourcesDep
 from api.errors import APIError, responses
 from api.idempotency import IdempotencyKey, claim, fingerprint
 from guardfleet.batch_file import parse_items
-from guardfleet.batches import BATCH_COMPLETED
 from guardfleet.errors import InvalidBatch
 from guardfleet.keys import QUEUE_BULK
-from guardfleet.schemas import Batch, BatchItem, BatchStatus, Job, JobStatus, RequestCounts, utcnow
+from guardfleet.schemas import Batch, BatchItem, BatchStatus, Job, RequestCounts
 
 router = APIRouter(tags=["batches"])
 log = logging.getLogger(__name__)
@@ -136,9 +135,9 @@ def _result_line(job: Job) -> dict[str, Any]:
 
 @router.post("/v1/batches/{batch_id}/cancel", responses=responses(404, 409, 503))
 async def cancel_batch(batch_id: str, res: ResourcesDep) -> Batch:
-    """Cancel every item still queued (items not queued yet are written as cancelled); the
-    batch is `cancelling` until the items already running finish and are counted, then
-    `cancelled`."""
+    """Answers at once, `cancelling`: a delivery worker then cancels every item not yet
+    running (queued ones, and ones not queued yet, written as cancelled); the batch becomes
+    `cancelled` once the items already running have finished and everything is counted."""
     batch = await get_or_404(res, batch_id)
     open_ = (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
     if batch.status not in open_ or not await res.batches.mark_cancelling(batch_id):
@@ -148,25 +147,4 @@ async def cancel_batch(batch_id: str, res: ResourcesDep) -> Batch:
             "cancelled",
             code="not_cancellable",
         )
-    await _cancel_queued(res, batch)
     return await get_or_404(res, batch_id)
-
-
-async def _cancel_queued(res: Resources, batch: Batch) -> None:
-    """Cancel every still-queued item of a batch already marked cancelling, a pipelined chunk at
-    a time; items a worker started meanwhile are refused by the transition script and counted
-    when they end."""
-    async for chunk in res.batches.jobs(batch.id):
-        queued = [
-            job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})
-            for job in chunk
-            if job is not None and job.status is JobStatus.QUEUED
-        ]
-        saved = await res.store.save_many(queued)
-        cancelled = [job for job, ok in zip(queued, saved, strict=True) if ok]
-        # The counting must run whatever the interpreter flags (`python -O` strips asserts).
-        # A cancel never completes a batch (it is `cancelling`); if it ever did, the batch
-        # webhook would be missed, so say so loudly rather than stop the cancel.
-        events = await res.batches.record_progress_many(cancelled)
-        if BATCH_COMPLETED in events:
-            log.error("cancelling batch %s reported it completed; no webhook is sent", batch.id)

@@ -9,7 +9,14 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from guardfleet.keys import BATCHES_DUE, BATCHES_PENDING, QUEUE_BULK, batch_upload_key
+from guardfleet.keys import (
+    BATCHES_DUE,
+    BATCHES_PENDING,
+    QUEUE_BULK,
+    STATS,
+    batch_fanout_key,
+    batch_upload_key,
+)
 from guardfleet.settings import Settings
 from tests.conftest import RedisServer, StartWorker, db_url, wait_until
 
@@ -89,3 +96,51 @@ def test_a_batch_cancelled_before_it_was_queued_has_every_item_cancelled(
     assert plain.llen(QUEUE_BULK) == 0  # no message for any of them
     assert plain.exists(batch_upload_key(batch["id"])) == 0
     assert plain.hlen(BATCHES_PENDING) == 0
+
+
+def test_a_batch_cancelled_mid_fan_out_has_every_item_cancelled_once(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """Some items queued, the rest not yet: the queued ones are cancelled, the rest written
+    cancelled, and each is counted once."""
+    db = 46
+    items = 20_000
+    url = db_url(redis_server, db)
+    plain = redis.Redis.from_url(url)
+    plain.flushdb()
+    with TestClient(create_app(Settings(redis_url=url))) as client:
+        batch = client.post("/v1/batches", content=_lines(items)).json()
+        cursor = batch_fanout_key(batch["id"])
+        hooks = start_worker(
+            "midway-fanout@test",
+            wait=False,
+            db=db,
+            module="worker.delivery",
+            GUARDFLEET_BATCH_FANOUT_CHUNK="100",
+        )
+        try:
+            wait_until(lambda: int(plain.hget(cursor, "cursor") or 0) > 0, 60, "the fan-out")
+            cancel = client.post(f"/v1/batches/{batch['id']}/cancel")
+            assert cancel.status_code == 200, cancel.text
+            queued_when_cancelled = int(plain.hget(cursor, "cursor") or 0)
+            assert queued_when_cancelled < items, "the fan-out ended before the cancel"
+            wait_until(
+                lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "cancelled",
+                120,
+                "the delivery worker to cancel every item",
+            )
+        finally:
+            hooks.stop()
+        done = client.get(f"/v1/batches/{batch['id']}").json()
+        assert done["request_counts"] == {
+            "total": items,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": items,
+        }
+        lines = client.get(f"/v1/batches/{batch['id']}/results").text.splitlines()
+        results = [json.loads(line) for line in lines]
+        assert [r["custom_id"] for r in results] == [f"i{n}" for n in range(items)]
+        assert {r["status"] for r in results} == {"cancelled"}
+    assert 0 < plain.llen(QUEUE_BULK) < items  # only the items queued before the cancel
+    assert int(plain.hget(STATS, "batch_items:cancelled") or 0) == items
