@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings,
             client,
             AsyncJobStore(client, ttl, settings.job_stale_s),
-            AsyncBatchStore(client, ttl, settings.job_stale_s),
+            AsyncBatchStore(client, ttl),
             make_celery(settings),
             AllowList(settings.webhook_allow),
             Waiters(client, settings.redis_timeout_s),

@@ -40,7 +40,6 @@ from guardfleet.schemas import (
     RequestCounts,
     utcnow,
 )
-from guardfleet.store import STALE_S
 
 COUNTER = {
     JobStatus.SUCCEEDED: "completed",
@@ -155,10 +154,9 @@ def _merge(batch: Batch, state: Mapping[bytes | str, bytes | str]) -> Batch:
 
 
 class AsyncBatchStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_s: int) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self.stale_s = stale_s
 
     async def create(self, batch: Batch, upload: bytes) -> None:
         """Store the batch and its checked upload in one transaction, due for fan-out now."""

@@ -60,6 +60,7 @@ class FanOut:
         self.chunk = chunk
         self.lease_s = lease_s
         self.stale_s = stale_s
+        self.store = JobStore(client, ttl_s, stale_s)
         self._settle = client.register_script(SETTLE)
 
     def run(self, batch_id: str, stop: threading.Event | None = None) -> int:
@@ -200,7 +201,7 @@ class FanOut:
                 for job in (Job.model_validate_json(raw) for raw in raws if raw is not None)
                 if job.status is JobStatus.QUEUED
             ]
-            saved = JobStore(self.client, self.ttl_s, self.stale_s).save_many(queued)
+            saved = self.store.save_many(queued)
             cancelled = [job for job, ok in zip(queued, saved, strict=True) if ok]
             record_progress_many(self.client, cancelled, self.ttl_s)
             self.client.zadd(BATCHES_DUE, {batch_id: time.time() + self.lease_s}, xx=True)

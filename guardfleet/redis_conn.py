@@ -40,18 +40,14 @@ def parse_sentinels(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
     return addresses, db, password
 
 
-def connect(settings: Settings, **options: Any) -> redis.Redis:
+def connect(settings: Settings) -> redis.Redis:
     """A client of the job store (and broker) Redis, with the configured timeouts."""
-    options = {
-        "socket_timeout": settings.redis_timeout_s,
-        "socket_connect_timeout": settings.redis_timeout_s,
-        **options,
-    }
+    options = _timeouts(settings)
     if not is_sentinel(settings.redis_url):
         return redis.Redis.from_url(settings.redis_url, **options)
     addresses, db, password = parse_sentinels(settings.redis_url)
     watchers = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-        addresses, sentinel_kwargs=_sentinel_kwargs(settings)
+        addresses, sentinel_kwargs=_timeouts(settings)
     )
     assert settings.redis_sentinel_master  # the settings refuse a sentinel URL without it
     master = watchers.master_for(  # type: ignore[no-untyped-call]
@@ -80,7 +76,7 @@ def connect_async(settings: Settings, client_name: str) -> aioredis.Redis:
         return aioredis.Redis.from_pool(pool)
     addresses, db, password = parse_sentinels(settings.redis_url)
     watchers = async_sentinel.Sentinel(  # type: ignore[no-untyped-call]
-        addresses, sentinel_kwargs=_sentinel_kwargs(settings)
+        addresses, sentinel_kwargs=_timeouts(settings)
     )
     assert settings.redis_sentinel_master
     sentinel_pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
@@ -94,7 +90,7 @@ def connect_async(settings: Settings, client_name: str) -> aioredis.Redis:
     return aioredis.Redis.from_pool(sentinel_pool)
 
 
-def _sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+def _timeouts(settings: Settings) -> dict[str, Any]:
     return {
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
@@ -107,5 +103,5 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         return {}
     return {
         "master_name": settings.redis_sentinel_master,
-        "sentinel_kwargs": _sentinel_kwargs(settings),
+        "sentinel_kwargs": _timeouts(settings),
     }

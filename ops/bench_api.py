@@ -266,7 +266,6 @@ def batches(stack: Stack, items: int) -> dict[str, float]:
             raise RuntimeError(f"batch answered {first.status_code}: {first.text[:200]}")
         second = http.post("/v1/batches", content=body).json()["id"]
         cursor = batch_fanout_key(first.json()["id"])
-        t0 = time.perf_counter()
         delivery = stack.start_delivery()
         wait_for(lambda: int(stack.redis.hget(cursor, "cursor") or 0) > 0, 120, every=0.005)
         started = time.perf_counter()

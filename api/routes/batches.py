@@ -4,7 +4,7 @@ Input is JSONL (one request per line) or a JSON array; every item carries a `cus
 upload with any invalid line is refused whole (422), with each bad line listed by number: nothing
 is stored, so fixing the file and resubmitting never duplicates work. A valid one is stored in one
 transaction and answered at once (`validating`); a delivery worker queues its items
-(`guardfleet.batches.FanOut`), and the batch moves to `in_progress`.
+(`guardfleet.fanout.FanOut`), and the batch moves to `in_progress`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import redis
 from fastapi.testclient import TestClient
@@ -25,6 +26,30 @@ def _lines(count: int, prompt: str = "How do I fold a fitted sheet?") -> str:
     return "".join(
         json.dumps({"custom_id": f"i{n}", "prompt": prompt}) + "\n" for n in range(count)
     )
+
+
+def _until_cancelled(client: TestClient, batch_id: str, within_s: float) -> None:
+    wait_until(
+        lambda: client.get(f"/v1/batches/{batch_id}").json()["status"] == "cancelled",
+        within_s,
+        "the delivery worker to cancel every item",
+    )
+
+
+def _assert_all_cancelled(client: TestClient, batch_id: str, items: int) -> dict[str, Any]:
+    """Every item counted cancelled once and listed cancelled, in input order; the batch."""
+    done: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").json()
+    assert done["request_counts"] == {
+        "total": items,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": items,
+    }
+    lines = client.get(f"/v1/batches/{batch_id}/results").text.splitlines()
+    results = [json.loads(line) for line in lines]
+    assert [r["custom_id"] for r in results] == [f"i{n}" for n in range(items)]
+    assert {r["status"] for r in results} == {"cancelled"}
+    return done
 
 
 def _commands(client: redis.Redis) -> int:
@@ -77,22 +102,11 @@ def test_a_batch_cancelled_before_it_was_queued_has_every_item_cancelled(
         assert client.post(f"/v1/batches/{batch['id']}/cancel").status_code == 409
         hooks = start_worker("cancel-fanout@test", wait=False, db=db, module="worker.delivery")
         try:
-            wait_until(
-                lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "cancelled",
-                30,
-                "the fan-out to write the items cancelled",
-            )
+            _until_cancelled(client, batch["id"], 30)
         finally:
             hooks.stop()
-        done = client.get(f"/v1/batches/{batch['id']}").json()
-        assert done["request_counts"] == {"total": 50, "completed": 0, "failed": 0, "cancelled": 50}
+        done = _assert_all_cancelled(client, batch["id"], 50)
         assert done["in_progress_at"] is None  # it never ran
-        results = [
-            json.loads(r)
-            for r in client.get(f"/v1/batches/{batch['id']}/results").text.splitlines()
-        ]
-        assert [r["custom_id"] for r in results] == [f"i{n}" for n in range(50)]
-        assert {r["status"] for r in results} == {"cancelled"}
     assert plain.llen(QUEUE_BULK) == 0  # no message for any of them
     assert plain.exists(batch_upload_key(batch["id"])) == 0
     assert plain.hlen(BATCHES_PENDING) == 0
@@ -124,23 +138,9 @@ def test_a_batch_cancelled_mid_fan_out_has_every_item_cancelled_once(
             assert cancel.status_code == 200, cancel.text
             queued_when_cancelled = int(plain.hget(cursor, "cursor") or 0)
             assert queued_when_cancelled < items, "the fan-out ended before the cancel"
-            wait_until(
-                lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "cancelled",
-                120,
-                "the delivery worker to cancel every item",
-            )
+            _until_cancelled(client, batch["id"], 120)
         finally:
             hooks.stop()
-        done = client.get(f"/v1/batches/{batch['id']}").json()
-        assert done["request_counts"] == {
-            "total": items,
-            "completed": 0,
-            "failed": 0,
-            "cancelled": items,
-        }
-        lines = client.get(f"/v1/batches/{batch['id']}/results").text.splitlines()
-        results = [json.loads(line) for line in lines]
-        assert [r["custom_id"] for r in results] == [f"i{n}" for n in range(items)]
-        assert {r["status"] for r in results} == {"cancelled"}
+        _assert_all_cancelled(client, batch["id"], items)
     assert 0 < plain.llen(QUEUE_BULK) < items  # only the items queued before the cancel
     assert int(plain.hget(STATS, "batch_items:cancelled") or 0) == items
