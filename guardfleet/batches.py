@@ -179,7 +179,7 @@ class AsyncBatchStore:
             pipe.expire(batch_fanout_key(batch.id), ttl)
             pipe.zadd(BATCHES_DUE, {batch.id: time.time()})
             pipe.hset(BATCHES_PENDING, batch.id, total)
-            # Renewed with every batch, these outlive each batch in them (as OPEN_JOBS does).
+            # Renewed with every batch, these outlive each batch in them.
             pipe.expire(BATCHES_DUE, ttl)
             pipe.expire(BATCHES_PENDING, ttl)
             pipe.hincrby(STATS, "batch_items:accepted", total)

@@ -45,7 +45,9 @@ JOB_NOTICES = f"{PREFIX}:jobs:notices"
 
 
 def job_channel(job_id: str) -> str:
-    """Pub/sub channel announcing each status change of a job (payload: the new status)."""
+    """Pub/sub channel announcing that a job ended (payload: its final status): what long
+    polls and sync calls wait for. Starting is not announced: nobody waits for it, and each
+    waiter would re-read the record for nothing."""
     return f"{PREFIX}:job:{job_id}:events"
 
 

@@ -52,8 +52,10 @@ local function note_status(watched, stream, status, attempt, maxlen, ttl)
 end
 """
 
-# KEYS: job, channel, open index, stream. ARGV: doc, attempt expected before, task id, message
-# gen, ttl, stale deadline, job id, stream maxlen, stream ttl. Returns 2 when the job is watched.
+# KEYS: job, open index, stream. ARGV: doc, attempt expected before, task id, message gen, ttl,
+# stale deadline, job id, stream maxlen, stream ttl. Returns 2 when the job is watched. Nothing is
+# published on the job's channel (waiters wait for its end, see `job_channel`), and the open
+# index's TTL is renewed by the reconciler, not by every start.
 _START = (
     _NOTE_STATUS
     + """
@@ -67,10 +69,8 @@ if h[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', 'running', 'attempt', ARGV[2] + 1,
            'run_gen', h[3] or '1', 'run_msg', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('PUBLISH', KEYS[2], 'running')
-return note_status(h[6], KEYS[4], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
+return note_status(h[6], KEYS[3], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
 """
 )
 
@@ -160,8 +160,9 @@ def add_create(
     pipe.hset(job_key(job.id), mapping=record_fields(job, queue, watch))
     pipe.expire(job_key(job.id), ttl_s)
     pipe.zadd(OPEN_JOBS, {job.id: time.time() + stale_s})
-    # Renewed with every record written, the index outlives each job in it (and goes once they
-    # have all expired).
+    # Renewed with every job created (and by each worker's reconciler while it runs, since a
+    # start renews the job's own TTL), the index outlives each job in it and goes once they have
+    # all expired.
     pipe.expire(OPEN_JOBS, ttl_s)
 
 
@@ -192,7 +193,7 @@ class JobStore:
         """Move a job read with `job.attempts - 1` attempts to `running` as attempt
         `job.attempts`, for the message (`task_id`, `gen`); refused for a duplicate message
         or if another attempt started in between. True when someone streams the job."""
-        keys = [job_key(job.id), job_channel(job.id), OPEN_JOBS, job_stream(job.id)]
+        keys = [job_key(job.id), OPEN_JOBS, job_stream(job.id)]
         args: list[EncodableT] = [
             job.model_dump_json(),
             job.attempts - 1,

@@ -43,12 +43,14 @@ class Reconciler:
         client: redis.Redis,
         send_task: SendTask,
         stale_s: float,
+        ttl_s: int,
         every_s: float = 5.0,
         limit: int = 100,
     ) -> None:
         self.client = client
         self.send_task = send_task
         self.stale_s = stale_s
+        self.ttl_s = ttl_s
         self.every_s = every_s
         self.limit = limit
         self._open = DueSet(client, OPEN_JOBS)  # leased until the job's next deadline
@@ -64,6 +66,9 @@ class Reconciler:
 
     def sweep(self) -> int:
         """Re-publish the stale jobs due now; returns how many."""
+        # A start renews its job's TTL but not the index's: renewed here, the index outlives
+        # every job a running worker started (and every job created renews it too).
+        self.client.expire(OPEN_JOBS, self.ttl_s)
         published = 0
         for job_id in self._open.take_due(self.stale_s, self.limit):
             bumped = self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK])

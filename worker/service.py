@@ -64,7 +64,9 @@ class WorkerService:
         )
         self.redis = redis_conn.connect(settings)
         self.store = JobStore(self.redis, settings.result_ttl_s, settings.job_stale_s)
-        self.reconciler = Reconciler(self.redis, send_task, settings.job_stale_s)
+        self.reconciler = Reconciler(
+            self.redis, send_task, settings.job_stale_s, settings.result_ttl_s
+        )
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.publisher = Publisher(self.redis, self.engine.decode)
         self.notices = Notices(self.redis)

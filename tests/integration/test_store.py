@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import Counter
 from typing import Any
 
 import pytest
 import redis
 
-from guardfleet.keys import OPEN_JOBS, QUEUE_BULK
+from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, job_channel
 from guardfleet.queueing import make_celery, publish_jobs, task_message
 from guardfleet.schemas import ClassifyRequest, Job, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
 from tests.conftest import RedisServer, db_url
+from worker.reconcile import Reconciler
 
 DB = 24
 
@@ -92,6 +94,50 @@ def test_a_duplicate_message_cannot_take_a_running_job(store: JobStore) -> None:
     store.client.hincrby(f"guardfleet:job:{job.id}", "gen", 1)  # the run itself went stale
     store.start(_started(running, "c@test"), "republished-again", 3)
     assert _read(store, job).worker == "c@test"
+
+
+def test_a_job_life_costs_eighteen_commands_and_one_announcement(
+    private_redis: redis.Redis,
+) -> None:
+    """Create, start and end a job: every command counts against what one Redis serves (and
+    script calls count their own commands, as in INFO commandstats). Starting announces nothing
+    (waiters wait for the end, and each would re-read the record for nothing), and leaves the
+    open index's TTL to the reconciler."""
+    store = JobStore(private_redis, ttl_s=60)
+    warm = _started(_new(store), "a@test")  # loads the scripts
+    store.start(warm, "task-0", 1)
+    store.save(_succeeded(warm))
+    job = Job(request=ClassifyRequest(prompt="hello"))
+    listener = private_redis.pubsub()  # type: ignore[no-untyped-call]
+    listener.subscribe(job_channel(job.id))
+    assert listener.get_message(timeout=5) is not None  # the subscribe confirmation
+    private_redis.config_resetstat()
+
+    store.create(job, QUEUE_BULK)
+    started = _started(job, "a@test")
+    store.start(started, "task-1", 1)
+    store.save(_succeeded(started))
+
+    stats = private_redis.info("commandstats")
+    calls = Counter({name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()})
+    del calls["config|resetstat"], calls["info"]
+    assert calls.total() <= 18, calls
+    announced = [listener.get_message(timeout=1) for _ in range(2)]
+    assert [m["data"] for m in announced if m] == [b"succeeded"]
+    assert calls["publish"] == 1
+
+
+def test_the_reconciler_keeps_the_open_index_alive_while_jobs_run(store: JobStore) -> None:
+    """Starts renew their job's TTL, not the index's: a worker's sweep does, so the index cannot
+    expire under a job that was queued long before it started."""
+    job = _new(store)
+    store.start(_started(job, "a@test"), "task-1", 1)
+    store.client.expire(OPEN_JOBS, 2)  # as if created long ago
+    published: list[object] = []
+    Reconciler(store.client, lambda *a, **k: published.append(a), 3600, 60).sweep()
+    assert store.client.ttl(OPEN_JOBS) > 50
+    assert store.client.zscore(OPEN_JOBS, job.id) is not None
+    assert published == [], "a job within its deadline was published again"
 
 
 def test_a_cancelled_job_cannot_be_started(store: JobStore) -> None:
