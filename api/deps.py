@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 import redis.asyncio as aioredis
@@ -12,6 +12,7 @@ from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.backlogs import Backlogs
 from api.errors import APIError
 from api.waiters import Waiters
 from guardfleet.batches import AsyncBatchStore
@@ -31,10 +32,9 @@ class Resources:
     celery: Celery
     allow: AllowList
     waiters: Waiters
+    backlogs: Backlogs  # each lane's backlog, as last read (api.backlogs)
     ready_until: float = 0.0  # monotonic time until which "a worker is ready" is trusted
     ready_interactive: int = 0  # how many ready workers serve the interactive lane, as then
-    # Each lane's backlog and when it was read (api.backpressure).
-    depths: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 # Dependencies are `async def` although nothing in them awaits: FastAPI runs a plain `def` one

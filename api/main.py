@@ -12,6 +12,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
+from api.backlogs import Backlogs
 from api.deps import Resources, require_api_key
 from api.request_ids import ObserveRequests
 from api.routes import batches, chat, health, jobs
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             make_celery(settings),
             AllowList(settings.webhook_allow),
             Waiters(client, settings.redis_timeout_s),
+            Backlogs(client),
         )
         await app.state.resources.waiters.start()
         try:
