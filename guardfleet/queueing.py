@@ -105,7 +105,7 @@ def task_message(app: Celery, job_id: str, queue: str) -> str:
     Celery's blocking publish, and never a record without its message or the reverse.
 
     Celery's `as_task_v2` runs once per process (`_envelope`); each message then only fills in
-    its ids: about 7 of the 40 microseconds `as_task_v2` and two uuids cost per message, on the
+    its ids: 15 microseconds a message here, against 40 with `as_task_v2` per message, on the
     path every accepted job takes."""
     task_id = str(uuid.uuid4())
     headers, properties, embed = _envelope(app)
