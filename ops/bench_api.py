@@ -1,5 +1,5 @@
-"""The producer and the store under load: accepted jobs/s, Redis commands per job, waiters,
-and batches (time to accept, fan-out rate, cancel).
+"""The producer and the store under load: accepted jobs/s, Redis commands per job (async and
+sync), waiters, and batches (time to accept, fan-out rate, cancel).
 
 Runs Redis, one API process (uvicorn, one event loop) and, for the per-job command counts, one
 CPU worker on the demo model, all as subprocesses on loopback; the load comes from this process
@@ -188,6 +188,23 @@ async def submit(port: int, count: int, clients: int) -> tuple[list[str], float,
     return ids, time.perf_counter() - started, statuses
 
 
+async def classify_each(port: int, count: int, clients: int) -> tuple[float, Counter[int]]:
+    """POST /v1/classify (sync) `count` times from `clients` connections; seconds, statuses."""
+    statuses: Counter[int] = Counter()
+    todo = iter(range(count))
+
+    async def client() -> None:
+        conn = await Conn.open(port)
+        for i in todo:
+            body = {"prompt": f"Is {i} a square?"}
+            statuses[(await conn.request("POST", "/v1/classify", body))[0]] += 1
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - started, statuses
+
+
 async def poll_each(port: int, ids: list[str]) -> None:
     conn = await Conn.open(port)
     for job_id in ids:
@@ -330,6 +347,13 @@ def run(args: argparse.Namespace) -> list[str]:
         time.sleep(IDLE_S)  # what the fleet costs Redis while nothing happens
         idle = commands(stack.redis)
         chatter, idle_cpu = (idle[0] - polled[0]) / IDLE_S, (idle[3] - polled[3]) / IDLE_S
+        # The blocking path: submit, run and answer in one request.
+        sync_s, statuses = asyncio.run(classify_each(stack.api_port, args.sync_calls, 8))
+        if statuses != Counter({200: args.sync_calls}):
+            raise RuntimeError(f"sync calls answered {dict(statuses)}")
+        sync = per_job(idle, commands(stack.redis), args.sync_calls)
+        sync[0] -= chatter * sync_s / args.sync_calls
+        sync[3] -= idle_cpu * sync_s / args.sync_calls
         worker.terminate()
         worker.wait(timeout=60)
 
@@ -367,6 +391,10 @@ def run(args: argparse.Namespace) -> list[str]:
         row(f"run (in {ran_s:.0f} s; idle chatter of {chatter:.0f}/s taken out)", parts[1]),
         row("one poll (`GET /v1/jobs/{id}`)", parts[2]),
         row("**whole job**", total),
+        row(
+            f"sync `POST /v1/classify`, whole call ({args.sync_calls} calls from 8 connections)",
+            sync,
+        ),
         "",
         f"At {total[3]:.3f} ms of Redis CPU a job, one Redis core (Redis runs commands on one "
         f"thread) would serve about **{1000 / total[3]:,.0f} jobs/s** like these.",
@@ -421,6 +449,7 @@ def main() -> None:
     parser.add_argument("--open-per-s", type=int, default=1000, help="long polls opened a second")
     parser.add_argument("--batch-items", type=int, default=50_000, help="lines per batch")
     parser.add_argument("--pool", type=int, default=100, help="GUARDFLEET_REDIS_MAX_CONNECTIONS")
+    parser.add_argument("--sync-calls", type=int, default=200, help="sync classify calls")
     parser.add_argument(
         "--waiter-pool", type=int, default=16, help="the same, for the long-poll measurement"
     )
