@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import redis
@@ -189,6 +192,83 @@ def test_everything_guardfleet_stores_expires(redis_server: RedisServer) -> None
             5,
             "every key to expire",
         )
+
+
+def test_everything_a_running_fleet_stores_expires(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """The keys most likely to leak exist only once workers run: delivery records and their due
+    set, batch state, fan-out and due sets, the open-jobs index the reconciler renews. With a
+    worker, a delivery worker and a webhook receiver at work, each of ours has a TTL, and once
+    the workers stop every one of them goes."""
+    db = 47
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    env = {
+        "GUARDFLEET_RESULT_TTL_S": "3",
+        "GUARDFLEET_WEBHOOK_SECRETS": secret,
+        "GUARDFLEET_WEBHOOK_ALLOW": "127.0.0.1",
+    }
+    plain = redis.Redis.from_url(db_url(redis_server, db))
+    plain.flushdb()
+    received: list[str] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["content-length"])).decode())
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_port}/hook"
+    workers = [
+        start_worker("expiry@test", db=db, **env),
+        start_worker("expiry-hooks@test", wait=False, db=db, module="worker.delivery", **env),
+    ]
+    settings = Settings(
+        redis_url=db_url(redis_server, db),
+        result_ttl_s=3,
+        webhook_secrets=[secret],
+        webhook_allow=["127.0.0.1"],
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            job = client.post("/v1/jobs", json={"prompt": "x", "callback_url": hook}).json()
+            lines = "".join(
+                json.dumps({"custom_id": f"c{i}", "prompt": f"How do I knit {i}?"}) + "\n"
+                for i in range(3)
+            )
+            batch = client.post("/v1/batches", content=lines).json()
+            wait_until(lambda: len(received) == 1, 60, "the job's webhook")
+            wait_until(
+                lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
+                60,
+                "the batch to complete",
+            )
+            assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+            # The workers' heartbeats and registry live as long as the workers do.
+            ours = [
+                k
+                for k in plain.scan_iter("guardfleet:*")
+                if k != STATS.encode() and not k.startswith(b"guardfleet:worker")
+            ]
+            assert any(b":delivery:" in k for k in ours), ours  # the webhook's record is there
+            ttls = {k: plain.ttl(k) for k in ours}
+            assert all(0 < t <= 3 for t in ttls.values()), [
+                (k, t) for k, t in ttls.items() if not 0 < t <= 3
+            ]
+    finally:
+        server.shutdown()
+        for worker in workers:
+            worker.stop()
+    wait_until(
+        lambda: [k for k in plain.scan_iter("guardfleet:*") if k != STATS.encode()] == [],
+        10,
+        "every key to expire",
+    )
 
 
 def test_idempotency_keys_belong_to_their_caller(redis_server: RedisServer) -> None:
