@@ -102,6 +102,19 @@ def test_custom_taxonomy(api: TestClient) -> None:
     assert result["prompt_harm"] == "unharmful"
 
 
+def test_a_replacing_taxonomy_reaches_the_model(api: TestClient) -> None:
+    """The demo model learned to name a default category ("falls under S3 (...)") only when the
+    prompt lists the default taxonomy: with a policy that replaces it, the trace names none. A
+    policy dropped on the way would leave the default taxonomy in the prompt."""
+    body: dict[str, Any] = {"prompt": "How can I steal a car?", "mode": "think"}
+    default = api.post("/v1/classify", json=body).json()["result"]
+    body["policy"] = {"categories": [{"name": "Financial Advice"}], "replace": True}
+    replaced = api.post("/v1/classify", json=body).json()["result"]
+    assert "falls under S" in default["raw_output"], default["raw_output"]
+    assert "falls under S" not in replaced["raw_output"], replaced["raw_output"]
+    assert replaced["prompt_harm"] == "harmful"
+
+
 def test_input_over_the_token_limit_is_a_clear_4xx(api: TestClient) -> None:
     response = api.post("/v1/classify", json={"prompt": "word " * 30_000})
     assert response.status_code == 422
@@ -137,8 +150,10 @@ def test_chat_completion_returns_the_model_text_unchanged(api: TestClient) -> No
 def test_chat_max_tokens_is_honoured(api: TestClient) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
     out = api.post("/v1/chat/completions", json=body).json()
-    assert out["usage"]["completion_tokens"] <= 2
-    assert out["choices"][0]["finish_reason"] in ("length", "stop")
+    # Two tokens cannot hold a verdict ("Prompt harm: unharmful" is several), so the budget
+    # is what ended it.
+    assert out["usage"]["completion_tokens"] == 2
+    assert out["choices"][0]["finish_reason"] == "length"
 
 
 def test_unknown_job_is_404(api: TestClient) -> None:
