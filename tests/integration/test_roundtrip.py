@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from guardfleet.settings import Settings
-from tests.conftest import RedisServer, Worker
+from tests.conftest import RedisServer, StartWorker, Worker, db_url
 
 MODEL = "nvidia/nemotron-content-safety-reasoning-4b-experimental"
 
@@ -160,3 +160,19 @@ def test_unknown_job_is_404(api: TestClient) -> None:
     response = api.get("/v1/jobs/job_doesnotexist")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "job_not_found"
+
+
+def test_a_score_threshold_lets_the_score_decide(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """GUARDFLEET_SCORE_THRESHOLD reaches the worker's verdict: at 0.0 every scored label is
+    harmful, whatever the model wrote; the raw output and the score stay as generated."""
+    db = 48
+    start_worker("threshold@test", db=db, GUARDFLEET_SCORE_THRESHOLD="0.0")
+    settings = Settings(redis_url=db_url(redis_server, db))
+    with TestClient(create_app(settings)) as client:
+        body = {"prompt": "How do I plant tomatoes?", "response": "Dig a hole and water it."}
+        result = client.post("/v1/classify", json=body).json()["result"]
+    assert "Prompt harm: unharmful" in result["raw_output"]
+    assert result["scores"]["prompt_harm"] < 0.5
+    assert (result["prompt_harm"], result["response_harm"]) == ("harmful", "harmful")
