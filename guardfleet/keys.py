@@ -32,9 +32,11 @@ def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
 
-# Every job that has not ended, scored by when it counts as stale: not started, or not finished,
-# by then. A worker's reconciler re-publishes stale jobs, which covers a message the broker lost
-# (Redis can die between handing a message to a consumer and recording it as unacknowledged).
+# Every job that has not ended, scored by when it counts as stale: queued jobs a long deadline
+# after they were queued, running ones a short lease their worker renews with each heartbeat. A
+# worker's reconciler re-publishes stale jobs, which covers a message the broker lost (Redis can
+# die between handing a message to a consumer and recording it as unacknowledged) and the jobs a
+# dead worker was running.
 OPEN_JOBS = f"{PREFIX}:jobs:open"
 
 

@@ -95,7 +95,8 @@ class Settings(BaseSettings):
     job_stale_s: float = Field(
         7200.0,
         gt=0,
-        description="a job not started, or not finished, this long is published again",
+        description="a job not started this long is published again (a started one: when its "
+        "worker stops renewing its lease)",
     )
     redis_outage_s: float = Field(
         60.0, gt=0, description="how long a job waits out Redis errors before it is handed back"

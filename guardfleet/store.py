@@ -27,7 +27,7 @@ Open jobs are also in the `OPEN_JOBS` index with a staleness deadline; see
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import redis
@@ -167,10 +167,19 @@ def add_create(
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_s: int,
+        stale_s: float = STALE_S,
+        run_lease_s: float | None = None,
+    ) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.stale_s = stale_s
+        # A started job's deadline in the open index: its worker renews it while it runs
+        # (`hold`), so the reconciler publishes it again soon after that worker dies.
+        self.run_lease_s = stale_s if run_lease_s is None else run_lease_s
         self._start = client.register_script(_START)
         self._end = client.register_script(_END)
 
@@ -200,7 +209,7 @@ class JobStore:
             task_id,
             gen,
             self.ttl_s,
-            time.time() + self.stale_s,
+            time.time() + self.run_lease_s,
             job.id,
             streams.MAX_ENTRIES,
             streams.TTL_S,
@@ -208,6 +217,14 @@ class JobStore:
         code = int(self._start(keys=keys, args=args))
         _check(min(code, 1), job)
         return code == 2
+
+    def hold(self, job_ids: Collection[str], lease_s: float | None = None) -> None:
+        """Set the open-index deadline of jobs this worker runs (or hands back) to `lease_s`
+        (the run lease unless given) from now. Only ids still in the index are touched: a job
+        that ended meanwhile stays out."""
+        if job_ids:
+            deadline = time.time() + (self.run_lease_s if lease_s is None else lease_s)
+            self.client.zadd(OPEN_JOBS, dict.fromkeys(job_ids, deadline), xx=True)
 
     def save(self, job: Job) -> None:
         """End `job` (succeeded or failed) as the attempt it carries; raises TransitionRefused

@@ -4,7 +4,8 @@ It is started only after the model is loaded and a warm-up generation succeeded,
 existence means "this worker can serve now". Before each beat it asks `problem()` whether that is
 still true; once the answer names a problem (a dead or stuck model thread) it deletes the key,
 calls `on_problem` and beats no more. A worker that dies stops refreshing it and the key expires
-after `heartbeat_ttl_s`; a worker that stops cleanly deletes it at once.
+after `heartbeat_ttl_s`; a worker that stops cleanly deletes it at once. Each beat also renews the
+leases of the jobs the worker runs (`on_beat`), which lapse the same way when it dies.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Heartbeat:
         jobs_done: Callable[[], int],
         problem: Callable[[], str | None] = lambda: None,
         on_problem: Callable[[str], None] = lambda reason: None,
+        on_beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.client = client
         self.key = worker_key(name)
@@ -45,6 +47,7 @@ class Heartbeat:
         self.jobs_done = jobs_done
         self.problem = problem
         self.on_problem = on_problem
+        self.on_beat = on_beat  # more that a live worker renews with each beat (its jobs' leases)
         self.record = WorkerHeartbeat(
             name=name,
             host=socket.gethostname(),
@@ -73,6 +76,7 @@ class Heartbeat:
             pipe.zremrangebyscore(WORKER_REGISTRY, "-inf", expires - 24 * 3600)  # long gone
             pipe.expire(WORKER_REGISTRY, 24 * 3600)
             pipe.execute()
+        self.on_beat()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

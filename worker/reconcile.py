@@ -1,13 +1,14 @@
 """Re-publish jobs that went stale, so a message the broker lost cannot lose its job.
 
-Redis hands a message to a consumer (BRPOP) and only then records it as unacknowledged; if
-Redis dies in between, the message exists nowhere but in a worker that is about to lose its
-connection. The fault suite saw it happen. Every open job is therefore in the `OPEN_JOBS` index
-with a deadline (`GUARDFLEET_JOB_STALE_S` after it was queued or started), and each GPU worker
-runs this sweep: a job past its deadline gets a new message (its `gen` goes up) and a new
-deadline. Duplicates are harmless: a message starts a job only if the job is queued, or if it is
-the message that started the current run, or newer than that run (see `guardfleet.store`), so
-an original message that was merely slow is dropped once another has started the job.
+Redis hands a message to a consumer (BRPOP) and only then records it as unacknowledged; if Redis
+dies in between, the message exists nowhere but in a worker that is about to lose its connection.
+The fault suite saw it happen. Every open job is therefore in the `OPEN_JOBS` index with a deadline
+(`GUARDFLEET_JOB_STALE_S` after it was queued; once started, a lease that its worker renews with
+each heartbeat, so the jobs of a worker that died come back within twice the heartbeat's TTL), and
+each GPU worker runs this sweep: a job past its deadline gets a new message (its `gen` goes up) and
+a new deadline. Duplicates are harmless: a message starts a job only if the job is queued, or if it
+is the message that started the current run, or newer than that run (see `guardfleet.store`), so an
+original message that was merely slow is dropped once another has started the job.
 
 Keep the deadline well above the time a job may legitimately wait in the queue or run: a job
 re-published while its first message is still waiting loses nothing, but costs one more message.

@@ -10,6 +10,7 @@ since a blip of a few seconds should cost neither the verdict already computed n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -63,7 +64,14 @@ class WorkerService:
             fault=settings.inject_fault,
         )
         self.redis = redis_conn.connect(settings)
-        self.store = JobStore(self.redis, settings.result_ttl_s, settings.job_stale_s)
+        # A running job's lease is twice the heartbeat's TTL: renewed with every beat, it lapses
+        # soon after its worker dies, and the reconciler of any worker alive runs it again.
+        self.store = JobStore(
+            self.redis,
+            settings.result_ttl_s,
+            settings.job_stale_s,
+            run_lease_s=2 * settings.heartbeat_ttl_s,
+        )
         self.reconciler = Reconciler(
             self.redis, send_task, settings.job_stale_s, settings.result_ttl_s
         )
@@ -81,7 +89,8 @@ class WorkerService:
         self.heartbeat: Heartbeat | None = None
         self.name = "unnamed"
         self._done = 0
-        self._done_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._held: set[str] = set()  # ids of the jobs this worker has started and not let go
 
     def announce(self, name: str, queues: list[str]) -> None:
         """Start the heartbeat: from now on the API counts this worker as ready."""
@@ -97,6 +106,7 @@ class WorkerService:
             jobs_done=lambda: self._done,
             problem=self.runner.problem,
             on_problem=self._leave,
+            on_beat=lambda: self.store.hold(self._held_now()),
         )
         self.heartbeat.start()
         self.reconciler.start()
@@ -126,9 +136,26 @@ class WorkerService:
         when it must be tried again. Bulk-lane jobs yield to interactive ones in the batcher."""
         with logs.scope(job_id=job_id):
             started = self._start(job_id, task_id, gen)
-            if started is not None:
+            if started is None:
+                return
+            with self._lock:
+                self._held.add(job_id)
+            try:
                 with logs.scope(batch_id=started[0].batch_id):
                     self._run(*started, lane)
+            except HandBack:
+                # Its message is back on the queue: until a worker takes it, the job waits as a
+                # queued one does, not under a lease nobody renews.
+                with contextlib.suppress(redis.RedisError):
+                    self.store.hold([job_id], self.settings.job_stale_s)
+                raise
+            finally:
+                with self._lock:
+                    self._held.discard(job_id)
+
+    def _held_now(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
 
     def _run(self, job: Job, watched: bool, lane: str | None) -> None:
         began = time.monotonic()
@@ -265,7 +292,7 @@ class WorkerService:
             if not self._announce_stored(done.id):
                 log.info("result of job %s not written: %s", done.id, exc)
             return
-        with self._done_lock:
+        with self._lock:
             self._done += 1
         log.info("job %s %s (attempt %d)", done.id, done.status.value, done.attempts)
         self._redis("announcing the result", lambda: self._announce_end(done))

@@ -91,6 +91,42 @@ def test_a_broken_model_thread_takes_its_worker_out_of_the_fleet(
     _rescue(start_worker, db, store, ids)
 
 
+@pytest.mark.timeout(200)
+def test_a_killed_workers_running_jobs_run_again_once_their_leases_lapse(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """SIGKILL leaves the jobs a worker had started `running`, their messages unacknowledged
+    until the visibility timeout (600 s here, an hour by default). Their leases, renewed with
+    each heartbeat, lapse within twice the heartbeat's TTL instead, and the reconciler of a live
+    worker publishes them again."""
+    db = 49
+    url = db_url(redis_server, db)
+    env = {**ENV, "GUARDFLEET_HEARTBEAT_TTL_S": "2"}  # leases of 4 s
+    doomed = start_worker("leased@test", db=db, **env)
+    store, ids = queue_backlog(url, [f"How do I plant tomatoes? #{i}" for i in range(60)])
+    wait_until(
+        lambda: _statuses(store, ids).count(JobStatus.RUNNING) >= 3,
+        60,
+        "jobs running on the doomed worker",
+        every=0.01,
+    )
+    doomed.process.send_signal(signal.SIGSTOP)  # what runs now stays `running`
+    held = [i for i in ids if (j := store.get(i)) is not None and j.status is JobStatus.RUNNING]
+    doomed.kill(signal.SIGKILL)
+    assert held
+    start_worker(f"rescuer-{db}@test", db=db, **env)
+
+    def rescued() -> bool:
+        return all((j := store.get(i)) is not None and j.status.terminal for i in held)
+
+    wait_until(rescued, 60, "the killed worker's jobs to run again")
+    for job_id in held:
+        job = store.get(job_id)
+        assert job is not None
+        assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 2), job
+        assert job.worker == f"rescuer-{db}@test"
+
+
 def _waiting_in_brpop(client: redis.Redis, db: int) -> bool:
     """Whether a consumer on `db` is blocked in BRPOP right now (Redis's view of it)."""
     return any(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -138,6 +139,20 @@ def test_the_reconciler_keeps_the_open_index_alive_while_jobs_run(store: JobStor
     assert store.client.ttl(OPEN_JOBS) > 50
     assert store.client.zscore(OPEN_JOBS, job.id) is not None
     assert published == [], "a job within its deadline was published again"
+
+
+def test_a_lease_renewal_never_brings_back_an_ended_job(store: JobStore) -> None:
+    """A worker renews the leases of the jobs it runs with each heartbeat; a job that ended
+    between its read of them and the renewal must stay out of the open index, or the
+    reconciler would publish a finished job again."""
+    running, ended = _new(store), _new(store)
+    for job in (running, ended):
+        store.start(_started(job, "a@test"), "task-1", 1)
+    store.save(_succeeded(_started(ended, "a@test")))
+    store.hold([running.id, ended.id], 100)
+    assert store.client.zscore(OPEN_JOBS, ended.id) is None
+    deadline = store.client.zscore(OPEN_JOBS, running.id)
+    assert deadline is not None and deadline > time.time() + 90
 
 
 def test_a_cancelled_job_cannot_be_started(store: JobStore) -> None:
