@@ -53,9 +53,9 @@ end
 """
 
 # KEYS: job, open index, stream. ARGV: doc, attempt expected before, task id, message gen, ttl,
-# stale deadline, job id, stream maxlen, stream ttl. Returns 2 when the job is watched. Nothing is
-# published on the job's channel (waiters wait for its end, see `job_channel`), and the open
-# index's TTL is renewed by the reconciler, not by every start.
+# deadline in the open index (the run lease), job id, stream maxlen, stream ttl. Returns 2 when
+# the job is watched. Nothing is published on the job's channel (waiters wait for its end, see
+# `job_channel`), and the open index's TTL is renewed by the reconciler, not by every start.
 _START = (
     _NOTE_STATUS
     + """
