@@ -13,10 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -314,3 +318,26 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Re
     yield client
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@contextmanager
+def webhook_receiver(status: int = 204) -> Iterator[tuple[str, list[bytes]]]:
+    """A local webhook endpoint answering `status` to every POST: its URL, and the bodies it
+    received so far."""
+    received: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers.get("content-length", 0))))
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()

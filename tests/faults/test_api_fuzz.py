@@ -24,11 +24,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import schemathesis
 from schemathesis import Case
 from schemathesis.hooks import HookContext
 
-from tests.conftest import ROOT, ApiServer, StartWorker
+from tests.conftest import ROOT, ApiServer, StartWorker, webhook_receiver
 
 pytestmark = pytest.mark.faults
 
@@ -105,20 +103,8 @@ expected-statuses = ["2xx", "3xx", 401, 403, 404, 409, 413, 429, "5xx"]
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[str]:
     """A webhook endpoint that answers 204 to everything."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hook"
-    server.shutdown()
+    with webhook_receiver() as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

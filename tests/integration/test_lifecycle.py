@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 import redis
@@ -18,7 +15,15 @@ from api.main import create_app
 from guardfleet.keys import STATS
 from guardfleet.schemas import JobCreate
 from guardfleet.settings import Settings
-from tests.conftest import RedisServer, StartWorker, Worker, db_url, free_port, wait_until
+from tests.conftest import (
+    RedisServer,
+    StartWorker,
+    Worker,
+    db_url,
+    free_port,
+    wait_until,
+    webhook_receiver,
+)
 
 
 @pytest.fixture
@@ -210,20 +215,6 @@ def test_everything_a_running_fleet_stores_expires(
     }
     plain = redis.Redis.from_url(db_url(redis_server, db))
     plain.flushdb()
-    received: list[str] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(self.rfile.read(int(self.headers["content-length"])).decode())
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{server.server_port}/hook"
     workers = [
         start_worker("expiry@test", db=db, **env),
         start_worker("expiry-hooks@test", wait=False, db=db, module="worker.delivery", **env),
@@ -235,7 +226,7 @@ def test_everything_a_running_fleet_stores_expires(
         webhook_allow=["127.0.0.1"],
     )
     try:
-        with TestClient(create_app(settings)) as client:
+        with webhook_receiver(200) as (hook, received), TestClient(create_app(settings)) as client:
             job = client.post("/v1/jobs", json={"prompt": "x", "callback_url": hook}).json()
             lines = "".join(
                 json.dumps({"custom_id": f"c{i}", "prompt": f"How do I knit {i}?"}) + "\n"
@@ -261,7 +252,6 @@ def test_everything_a_running_fleet_stores_expires(
                 (k, t) for k, t in ttls.items() if not 0 < t <= 3
             ]
     finally:
-        server.shutdown()
         for worker in workers:
             worker.stop()
     wait_until(
