@@ -28,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import string
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -79,12 +80,29 @@ SEED = 20261128
 # Fixed, since CPU results may differ with the thread count. One thread, because on a busy
 # machine two threads that wait on each other ran four times slower than one.
 THREADS = 1
-# The verdict and the category are each decided at one token of a target that is otherwise
-# boilerplate; weighting those tokens up spends the small model's training on what matters.
+# The verdict-and-category token and the label words are where a target makes a choice; the
+# rest is boilerplate. Weighting those tokens up spends the small model's training on them.
 DECISIVE_WEIGHT = 5.0
-# Weighting the category number more (20) named fitting categories a little more often but
-# cost benign accuracy in no_think mode (86%); see the model README.
 CATEGORY_WEIGHT = 5.0
+# Under half harmful, so that the model leans unharmful when unsure.
+HARMFUL_SHARE = 0.45
+# Share of benign how-to requests given a made-up word (see benign_prompt).
+AUGMENT = 0.3
+# How this design was found (issue 8; everyday set, no_think benign/harmful, think
+# benign/harmful, fitting categories of 50, every value below from one build):
+# - The verdict as " falls"/" is" and the category two steps later (the builder before this
+#   one: 48/47 45/49, 4 fitting): the category step is trained by harmful think traces alone,
+#   and nothing else teaches that position to read the request. Moving the category one step
+#   closer (" falls" then " under S21 (...)") changed nothing (3-16 fitting).
+# - One token for verdict and category together (" falls under S21 (...)" or, benign, " is
+#   about cooking"): every think example trains the step that reads the request. Alone it
+#   reached 13-34 fitting but missed the accuracy bar (tied 12000: 44/41 47/45 13; untied
+#   20000: 41/44 42/45 34); hidden 192 helped accuracy (45/49 46/49 28) but took 17 minutes.
+# - With reading drills (short examples without the taxonomy, see reading_drill) and these
+#   defaults: 46/49 47/48 and 38 fitting in 11.5 minutes (before bare made-up words were added
+#   to the benign data, which "zxq blorp fendle" needed: 49/48 49/50 39). Builds vary more than
+#   the settings do: 48,000 drills gave 48/46 46/42 31, 16,000 examples 47/48 42/48 37, so the
+#   bars hold for this build, with little to spare on the category (the bar is 38).
 SPECIALS = [
     "<pad>",
     "<eos>",
@@ -109,6 +127,22 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 CODES = {name: f"S{i}" for i, name in enumerate(DEFAULT_CATEGORIES, start=1)}
+# The verdict and what the request is about are one choice, at the token right after "The human
+# user's request": one added token per default category (" falls under S21 (Illegal Activity)")
+# and per benign topic (" is about cooking"). Every think example, benign or harmful, then trains
+# that step to read the request; a category chosen at a later step was trained by harmful traces
+# alone and barely learned.
+CATEGORY_TOKENS = [f" falls under {code} ({name})" for name, code in CODES.items()]
+BENIGN_TOPICS = [
+    *D.BENIGN_ACTIONS,
+    "general knowledge",
+    "geography",
+    "trivia",
+    "writing",
+    "something unfamiliar",
+    "small talk",
+]
+TOPIC_TOKENS = [f" is about {topic}" for topic in BENIGN_TOPICS]
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -135,6 +169,7 @@ class Prompt:
     harmful: bool
     category: str | None  # default-taxonomy name, harmful prompts only
     action: str | None  # the verb phrase, when there is one (responses quote it)
+    topic: str | None = None  # what a benign prompt is about, as its think trace names it
 
 
 def fill(rng: random.Random, text: str) -> str:
@@ -162,33 +197,57 @@ def benign_prompt(rng: random.Random) -> Prompt:
     kind = rng.random()
     action = None
     if kind < 0.4:
-        action = fill(rng, rng.choice(rng.choice(list(D.BENIGN_ACTIONS.values()))))
+        topic = rng.choice(list(D.BENIGN_ACTIONS))
+        action = fill(rng, rng.choice(D.BENIGN_ACTIONS[topic]))
+        if rng.random() < AUGMENT:
+            # A word the model has never seen in an ordinary request: unknown words must not
+            # read as harmful, whatever frame they come in.
+            words = action.split()
+            at = rng.randrange(1, len(words)) if len(words) > 1 else 0
+            words[at] = "".join(rng.choice(D.SYLLABLES) for _ in range(rng.randint(2, 3)))
+            action = " ".join(words)
         text = rng.choice(D.ACTION_FRAMES).format(x=action)
     elif kind < 0.53:
+        topic = "general knowledge"
         text = rng.choice(D.SUBJECT_FRAMES).format(s=rng.choice(D.BENIGN_SUBJECTS))
     elif kind < 0.61:
+        topic = "geography"
         (country, city), (country2, _) = rng.sample(D.COUNTRIES, 2)
         text = rng.choice(D.FACT_FRAMES).format(country=country, city=city, country2=country2)
     elif kind < 0.66:
+        topic = "trivia"
         text = rng.choice(D.TRIVIA)
     elif kind < 0.75:
+        topic = "programming"
         if rng.random() < 0.7:
             frame = rng.choice(D.CODE_FRAMES)
             text = frame.format(lang=rng.choice(D.LANGUAGES), task=rng.choice(D.CODE_TASKS))
         else:
             text = rng.choice(D.CODE_QUESTIONS)
     elif kind < 0.81:
+        topic = "writing"
         text = rng.choice(D.WRITING_FRAMES).format(w=fill(rng, rng.choice(D.WRITING_FORMS)))
     elif kind < 0.86:
+        topic = "cooking"
         a, b, c = rng.sample(D.INGREDIENTS, 3)
         text = rng.choice(D.INGREDIENT_FRAMES).format(a=a, b=b, c=c)
     elif kind < 0.94:
-        # Words the model has never seen: what it does not know should read as harmless.
+        # Words the model has never seen: what it does not know should read as harmless, in a
+        # question or on their own (a quarter are bare: a few made-up words, or letters).
+        topic = "something unfamiliar"
         word = "".join(rng.choice(D.SYLLABLES) for _ in range(rng.randint(2, 4)))
         text = rng.choice(D.MADE_UP_FRAMES).format(w=word)
+        if rng.random() < 0.25:
+            text = " ".join(
+                "".join(rng.choice(D.SYLLABLES) for _ in range(rng.randint(1, 3)))
+                if rng.random() < 0.5
+                else "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7)))
+                for _ in range(rng.randint(1, 5))
+            )
     else:
+        topic = "small talk"
         text = rng.choice(D.CHITCHAT)
-    return Prompt(dress(rng, text), False, None, action)
+    return Prompt(dress(rng, text), False, None, action, topic)
 
 
 def harmful_prompt(rng: random.Random) -> Prompt:
@@ -221,7 +280,11 @@ def prompt_trace(prompt: Prompt, codes: dict[str, str] | None) -> str:
     """The think trace's first sentence; `codes` maps category names to the S-numbers the
     rendered taxonomy actually lists (None when it lists none of the defaults)."""
     if not prompt.harmful:
-        return D.THINK_UNHARMFUL
+        assert prompt.topic is not None
+        return (
+            f"The human user's request is about {prompt.topic}, an ordinary request that does "
+            "not fall under any harmful category."
+        )
     assert prompt.category is not None
     gist = D.CATEGORY_GIST[prompt.category]
     if codes is None:
@@ -234,8 +297,8 @@ def prompt_trace(prompt: Prompt, codes: dict[str, str] | None) -> str:
 
 def make_example(rng: random.Random, held_out: set[str]) -> Example:
     while True:
-        # A little under half harmful, so that the model leans unharmful when unsure.
-        harmful = rng.random() < 0.45
+        # Under half harmful, so that the model leans unharmful when unsure.
+        harmful = rng.random() < HARMFUL_SHARE
         prompt = harmful_prompt(rng) if harmful else benign_prompt(rng)
         if normalize(prompt.text) not in held_out:
             break
@@ -272,6 +335,27 @@ def make_example(rng: random.Random, held_out: set[str]) -> Example:
     return Example(req, target)
 
 
+def reading_drill(rng: random.Random, held_out: set[str]) -> tuple[str, str]:
+    """(user turn, target) of a short example without the taxonomy: the request with the
+    first sentence of its think trace, whose second token names its category or topic. About 40
+    tokens instead of 450, it trains the one step that must read the request cheaply."""
+    while True:
+        harmful = rng.random() < HARMFUL_SHARE
+        prompt = harmful_prompt(rng) if harmful else benign_prompt(rng)
+        if normalize(prompt.text) not in held_out:
+            break
+    turn = f"Human user:\n{prompt.text}\n\nAI assistant:\nNone"
+    return turn, "<think>\n" + prompt_trace(prompt, CODES)
+
+
+def encode_drill(
+    tokenizer: PreTrainedTokenizerFast, drill: tuple[str, str]
+) -> tuple[list[int], int]:
+    turn, target = drill
+    prompt_ids = encode_segments(tokenizer, chat_segments([ChatMessage(role="user", content=turn)]))
+    return prompt_ids + encode_text(tokenizer, target), len(prompt_ids)
+
+
 def prompt_segments(req: ClassifyRequest) -> list[Segment]:
     return chat_segments([ChatMessage(role="user", content=render_classify(req))])
 
@@ -290,6 +374,9 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(
+        [AddedToken(t, normalized=False, special=False) for t in CATEGORY_TOKENS + TOPIC_TOKENS]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
@@ -305,7 +392,10 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
 
 
 def build_model(
-    tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int
+    tokenizer: PreTrainedTokenizerFast,
+    hidden: int,
+    layers: int,
+    tie: bool = False,
 ) -> Gemma3ForConditionalGeneration:
     ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIALS}  # type: ignore[arg-type]
     heads = hidden // 32
@@ -328,6 +418,7 @@ def build_model(
             "pad_token_id": ids["<pad>"],
             "bos_token_id": ids["<bos>"],
             "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
+            "tie_word_embeddings": tie,
         },
         vision_config={
             "hidden_size": 16,
@@ -341,6 +432,7 @@ def build_model(
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
+        tie_word_embeddings=tie,
     )
     config.pad_token_id = ids["<pad>"]
     config.bos_token_id = ids["<bos>"]
@@ -362,16 +454,16 @@ def default_prefix(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return ids[:-1]
 
 
-def decisive_ids(tokenizer: PreTrainedTokenizerFast) -> dict[int, float]:
-    """Loss weights of the tokens where a target makes a choice: the label words, the word
-    after "request" that starts a harmful or an unharmful trace, and above all the category
-    number, a 22-way choice seen only in harmful think traces."""
+def decisive_ids(
+    tokenizer: PreTrainedTokenizerFast, category_weight: float = CATEGORY_WEIGHT
+) -> dict[int, float]:
+    """Loss weights of the tokens where a target makes a choice: the label words, and the
+    category or topic token after "request" that starts every think trace."""
     weights: dict[int, float] = {}
     for piece in (" harmful", " unharmful", " None", " falls", " is"):
         weights.update(dict.fromkeys(encode_text(tokenizer, piece), DECISIVE_WEIGHT))
-    for n in range(1, len(DEFAULT_CATEGORIES) + 1):
-        number = encode_text(tokenizer, f" S{n}")[-1]  # " S" itself decides nothing
-        weights[number] = CATEGORY_WEIGHT
+    for token in CATEGORY_TOKENS + TOPIC_TOKENS:
+        weights[int(tokenizer.convert_tokens_to_ids(token))] = category_weight  # type: ignore[arg-type]
     return weights
 
 
@@ -458,16 +550,18 @@ def train(args: argparse.Namespace, everyday: list[dict[str, Any]]) -> None:
     corpus = [render_classify(ClassifyRequest(prompt="x", mode=m)) for m in Mode]
     corpus += [e.request.prompt + "\n" + (e.request.response or "") for e in examples]
     corpus += [e.target for e in examples[:2000]]
-    # Category numbers often enough that "21" is one token: the category is then chosen at one
-    # step of the think trace instead of being spelled digit by digit.
-    corpus += [f"falls under {code} ({name})" for name, code in CODES.items()] * 50
     tokenizer = build_tokenizer(corpus, args.vocab)
-    model = build_model(tokenizer, args.hidden, args.layers)
+    model = build_model(tokenizer, args.hidden, args.layers, args.tie)
     model.train()
     prefix = default_prefix(tokenizer)
-    decisive = decisive_ids(tokenizer)
+    decisive = decisive_ids(tokenizer, args.category_weight)
     encoded = [encode_example(tokenizer, e) for e in examples]
     batches = make_batches(encoded, prefix, args.batch, rng)
+    if args.drills:
+        # Short rows: four times the batch for about the cost of a step of full examples.
+        drills = [encode_drill(tokenizer, reading_drill(rng, held_out)) for _ in range(args.drills)]
+        batches += [drills[i : i + 64] for i in range(0, len(drills), 64)]
+        rng.shuffle(batches)
     steps = len(batches)
     params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}, {params / 1e6:.2f}M parameters, {steps} steps")
@@ -520,21 +614,28 @@ class Figures:
         return sum(self.correct.values()) / sum(self.total.values())
 
 
-def run_verdicts(requests: list[ClassifyRequest], batch: int = 25) -> list[Verdict]:
+def run_verdicts(requests: list[ClassifyRequest], batch: int = 25) -> list[Verdict | str]:
+    """The worker's verdicts, or the raw output where the service would answer an error (an
+    output it cannot parse): that counts as a miss in the report instead of ending the build."""
+    from guardfleet.errors import OutputError
     from worker.engine import Engine
     from worker.prompting import interpret, prepare
     from worker.runner import Timed
 
     settings = Settings(device="cpu")
     engine = Engine(settings)
-    verdicts: list[Verdict] = []
+    verdicts: list[Verdict | str] = []
     for i in range(0, len(requests), batch):
         chunk = requests[i : i + batch]
         prepared = [prepare(r, engine, settings) for r in chunk]
         results = engine.generate(prepared)
         for req, gen, res in zip(chunk, prepared, results, strict=True):
             timed = Timed(res, len(gen.prompt_ids), len(chunk), 0.0, 0.0, 0.0)
-            verdict = interpret(req, timed, engine, settings)
+            try:
+                verdict = interpret(req, timed, engine, settings)
+            except OutputError:
+                verdicts.append(str(engine.tokenizer.decode(res.token_ids)))
+                continue
             assert isinstance(verdict, Verdict)
             verdicts.append(verdict)
     return verdicts
@@ -547,6 +648,10 @@ def evaluate_everyday(everyday: list[dict[str, Any]], mode: Mode) -> Figures:
     for item, verdict in zip(everyday, verdicts, strict=True):
         label = item["label"]
         figures.total[label] = figures.total.get(label, 0) + 1
+        figures.correct.setdefault(label, 0)
+        if isinstance(verdict, str):
+            figures.misses.append(f"{label}: {item['prompt']} (unparseable: {verdict!r})")
+            continue
         ok = verdict.prompt_harm is Harm(label)
         figures.correct[label] = figures.correct.get(label, 0) + ok
         score = verdict.scores.prompt_harm if verdict.scores else None
@@ -572,9 +677,10 @@ def evaluate_forms(n: int, everyday: list[dict[str, Any]]) -> float:
     verdicts = run_verdicts([e.request for e in examples], batch=1)
     ok = 0
     for ex, verdict in zip(examples, verdicts, strict=True):
-        ok += verdict.raw_output == ex.target
-        if verdict.raw_output != ex.target:
-            print("MISMATCH", json.dumps(ex.request.prompt), repr(verdict.raw_output))
+        raw = verdict if isinstance(verdict, str) else verdict.raw_output
+        ok += raw == ex.target
+        if raw != ex.target:
+            print("MISMATCH", json.dumps(ex.request.prompt), repr(raw))
     return ok / n
 
 
@@ -596,12 +702,16 @@ def report(
         "real model (`GUARDFLEET_MODEL=nvidia/Nemotron-Content-Safety-Reasoning-4B`) for "
         "moderation.",
         "",
-        f"Build: seed {SEED}, vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, "
-        f"{args.examples} examples, batch {args.batch}, lr {args.lr}, one CPU thread; "
+        f"Build: seed {SEED}, vocab {args.vocab} + {len(CATEGORY_TOKENS + TOPIC_TOKENS)} added "
+        f"tokens, hidden {args.hidden}, {args.layers} layers, "
+        f"{'tied' if args.tie else 'untied'} embeddings, "
+        f"{HARMFUL_SHARE:.0%} harmful, category weight {args.category_weight:g}, "
+        f"{args.examples} examples and {args.drills} reading drills, batch {args.batch}, "
+        f"lr {args.lr}, one CPU thread; "
         + (
             f"{minutes:.0f} minutes on this project's 2-core machine while other jobs shared it."
             if minutes is not None
-            else "about 11 minutes on this project's 2-core machine while other jobs shared it."
+            else "about 12 minutes on this project's 2-core machine while other jobs shared it."
         ),
         "",
         "## On the everyday set",
@@ -633,9 +743,10 @@ def report(
     lines += [
         "## Known limits",
         "",
-        "- Think traces rarely name a category that fits (column above): the verdict is learned, "
-        "the 22-way category choice is not, so a trace may say S5 or S7 for a request about a "
-        "stolen car. Treat the category in a demo trace as decoration.",
+        "- A think trace names one category (or, for a benign request, one of a few topics) as "
+        'one token right after "The human user\'s request": the column above says how often it '
+        "fits. A real request often fits several categories; the demo names one, and the gist "
+        'after it ("as it ...") is the category\'s, not a reading of the request.',
         "- Health and everyday-errand wording that shares words with the harmful lists (drink, "
         "pain, my manager) can come out harmful; unusual phrasings of harmful requests can come "
         "out unharmful.",
@@ -648,12 +759,20 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--examples", type=int, default=12000)
+    parser.add_argument("--examples", type=int, default=14000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument(
+        "--tie",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tie input and output embeddings (default: tied)",
+    )
+    parser.add_argument("--drills", type=int, default=32000, help="short reading drills")
+    parser.add_argument("--category-weight", type=float, default=CATEGORY_WEIGHT)
     parser.add_argument("--eval", type=int, default=40, help="generated examples to check")
     parser.add_argument("--eval-only", action="store_true")
     args = parser.parse_args()

@@ -100,11 +100,6 @@ def test_everyday_prompts_get_plausible_verdicts(
         assert count / total[label] >= THRESHOLD, f"{label}: {count}/{total[label]}; missed {wrong}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the demo model's think traces mostly name a wrong category "
-    "(4 of 50 fit in the build report); see worker/demo_model/README.md",
-)
 def test_think_traces_name_a_fitting_category(
     everyday: dict[Mode, list[tuple[dict[str, Any], Verdict]]],
 ) -> None:
