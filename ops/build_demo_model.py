@@ -591,6 +591,9 @@ def train(args: argparse.Namespace, everyday: list[dict[str, Any]]) -> None:
     )
     model.save_pretrained(OUT)
     tokenizer.save_pretrained(OUT)
+    # safetensors writes the weights owner-only (0600); the images run as another user.
+    for path in OUT.iterdir():
+        path.chmod(0o644)
 
 
 # --- evaluation through the worker's engine ------------------------------------------------

@@ -409,13 +409,21 @@ def test_two_workers_share_the_queue_and_a_killed_one_loses_nothing(stack: Stack
     # A backlog first (workers frozen while it is queued). Then the victim runs alone until it
     # has finished a job and holds running ones, and is killed; only then does the survivor
     # start. A verdict takes a fraction of a second here, so racing both would often kill an
-    # idle worker, which tests nothing.
+    # idle worker, which tests nothing. Short jobs (no_think) alternate with the longest kind
+    # (think, with a response): the short ones end while the long ones, started with them, have
+    # most of their trace to write. Jobs all of one kind that start together end at the same
+    # step and leave almost no such moment: CI once saw the kill land just after it.
     stack.compose("pause", CPU_WORKER)
     hook = stack.receiver.url("/b")
+    long_job = {"mode": "think", "response": "Sure. Hold the blade at twenty degrees."}
     ids = [
         httpx.post(
             f"{API}/v1/jobs",
-            json={"prompt": f"How do I sharpen knife {i}?", "mode": "think", "callback_url": hook},
+            json={
+                "prompt": f"How do I sharpen knife {i}?",
+                "callback_url": hook,
+                **({"mode": "no_think"} if i % 2 else long_job),
+            },
             timeout=10,
         ).json()["id"]
         for i in range(BURST)
