@@ -295,15 +295,19 @@ def prompt_trace(prompt: Prompt, codes: dict[str, str] | None) -> str:
     )
 
 
-def make_example(rng: random.Random, held_out: set[str]) -> Example:
+def fresh_prompt(rng: random.Random, held_out: set[str]) -> Prompt:
+    """A generated prompt, harmful or not, that is not one of the everyday set's."""
     while True:
-        # Under half harmful, so that the model leans unharmful when unsure.
         harmful = rng.random() < HARMFUL_SHARE
         prompt = harmful_prompt(rng) if harmful else benign_prompt(rng)
         if normalize(prompt.text) not in held_out:
-            break
+            return prompt
+
+
+def make_example(rng: random.Random, held_out: set[str]) -> Example:
+    prompt = fresh_prompt(rng, held_out)
     mode = rng.choice([Mode.THINK, Mode.NO_THINK])
-    p_label = "harmful" if harmful else "unharmful"
+    p_label = "harmful" if prompt.harmful else "unharmful"
     form = rng.random()
     if form < 0.1:  # Template B: a system instruction and maybe some history
         turns = rng.choice(D.HISTORY)[: rng.choice([0, 2])]
@@ -339,11 +343,7 @@ def reading_drill(rng: random.Random, held_out: set[str]) -> tuple[str, str]:
     """(user turn, target) of a short example without the taxonomy: the request with the
     first sentence of its think trace, whose second token names its category or topic. About 40
     tokens instead of 450, it trains the one step that must read the request cheaply."""
-    while True:
-        harmful = rng.random() < HARMFUL_SHARE
-        prompt = harmful_prompt(rng) if harmful else benign_prompt(rng)
-        if normalize(prompt.text) not in held_out:
-            break
+    prompt = fresh_prompt(rng, held_out)
     turn = f"Human user:\n{prompt.text}\n\nAI assistant:\nNone"
     return turn, "<think>\n" + prompt_trace(prompt, CODES)
 
@@ -395,7 +395,7 @@ def build_model(
     tokenizer: PreTrainedTokenizerFast,
     hidden: int,
     layers: int,
-    tie: bool = False,
+    tie: bool,
 ) -> Gemma3ForConditionalGeneration:
     ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIALS}  # type: ignore[arg-type]
     heads = hidden // 32

@@ -1302,10 +1302,6 @@ CATEGORY_GIST: dict[str, str] = {
     "Immoral/Unethical": "asks for help with unethical behavior",
 }
 
-THINK_UNHARMFUL = (
-    "The human user's request is an ordinary request and does not fall under any harmful category."
-)
-
 # --- responses for the prompt + response form -------------------------------------------
 
 REFUSALS = [
