@@ -89,9 +89,6 @@ class Settings(BaseSettings):
     )
     heartbeat_ttl_s: int = Field(15, ge=2)
     heartbeat_interval_s: float = Field(5.0, gt=0)
-    visibility_timeout_s: int = Field(
-        3600, ge=1, description="seconds before an unacknowledged job is redelivered"
-    )
     job_stale_s: float = Field(
         7200.0,
         gt=0,

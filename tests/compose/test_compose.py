@@ -54,15 +54,15 @@ API_IMAGE = "guardfleet-api:latest"
 CPU_WORKER = "worker-cpu"
 COMPOSE = ["docker", "compose", "-f", str(ROOT / "compose.yaml")]
 BURST = 60
-VISIBILITY_S = 15  # short, so jobs of a killed worker come back within the test
-# A message that Redis had already handed to the killed worker (its BRPOP reply in flight) but
-# that the worker had not yet recorded as unacknowledged died with it: the stale-job sweep
-# publishes such a job again after this long (the default is two hours).
+HEARTBEAT_TTL_S = 6  # the running jobs of a killed worker come back after 2 x this
+# A message that Redis had already handed to the killed worker (its BRPOP reply in flight, or
+# taken and not yet started) died with it: the stale-job sweep publishes such a job again after
+# this long (the default is two hours).
 STALE_S = 40
 WORKER_THREADS = 4
-# The slower of the two ways back: the unacknowledged-message sweep (every 10 s, past the
-# visibility timeout) and the stale-job sweep (every 5 s, past the deadline).
-RECOVERY_S = max(VISIBILITY_S + 10, STALE_S + 5)
+# The slower of the two ways back, both through the stale-job sweep (every 5 s): past a
+# started job's lease, or past a queued job's deadline.
+RECOVERY_S = max(2 * HEARTBEAT_TTL_S, STALE_S) + 5
 
 
 @dataclass
@@ -140,7 +140,7 @@ def write_env_file(path: Path, redis_image: str, **extra: str) -> None:
         "GUARDFLEET_FLOWER_USER": FLOWER_AUTH[0],
         "GUARDFLEET_FLOWER_PASSWORD": FLOWER_AUTH[1],
         "GUARDFLEET_REDIS_IMAGE": redis_image,
-        "GUARDFLEET_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+        "GUARDFLEET_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
         "GUARDFLEET_WORKER_THREADS": str(WORKER_THREADS),
         "GUARDFLEET_JOB_STALE_S": str(STALE_S),
         "GUARDFLEET_WEBHOOK_SECRETS": SECRET,
@@ -458,7 +458,7 @@ def test_two_workers_share_the_queue_and_a_killed_one_loses_nothing(stack: Stack
         raise AssertionError(f"{timed_out}; unfinished: {left}\n{tail}") from None
     jobs = jobs_of(ids)
     assert [j["status"] for j in jobs] == ["succeeded"] * len(ids)
-    # Jobs the killed worker had started come back after the visibility timeout (attempts 2).
+    # Jobs the killed worker had started come back when their leases lapse (attempts 2).
     redelivered = [j["id"] for j in jobs if j["attempts"] >= 2]
     # Jobs whose message died in flight were published again by the stale-job sweep (gen 2).
     republished = [i for i, gen in zip(ids, message_gens(stack, ids), strict=True) if gen > 1]

@@ -33,7 +33,9 @@ RANDOM_ENV = {
     "GUARDFLEET_MAX_CHAT_TOKENS": "4000",
     "GUARDFLEET_MAX_NEW_TOKENS_NO_THINK": "4000",
     "GUARDFLEET_MAX_INPUT_TOKENS": "1500",  # a classify prompt (taxonomy included) fits
-    "GUARDFLEET_VISIBILITY_TIMEOUT_S": "4",
+    # A killed worker's running job comes back when its lease (2 x TTL) lapses.
+    "GUARDFLEET_HEARTBEAT_TTL_S": "2",
+    "GUARDFLEET_HEARTBEAT_INTERVAL_S": "0.5",
 }
 
 

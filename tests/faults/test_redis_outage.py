@@ -20,7 +20,6 @@ from tests.faults.conftest import WEBHOOK_ENV, CountingReceiver, KillableRedis, 
 
 ENV = {
     **WEBHOOK_ENV,
-    "GUARDFLEET_VISIBILITY_TIMEOUT_S": "15",
     "GUARDFLEET_JOB_STALE_S": "20",
     "GUARDFLEET_WORKER_THREADS": "4",
     "GUARDFLEET_MAX_BATCH_SIZE": "2",

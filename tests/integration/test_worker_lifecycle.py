@@ -62,9 +62,11 @@ def test_jobs_held_by_a_killed_worker_still_succeed(
     redis_server: RedisServer, start_worker: StartWorker
 ) -> None:
     db = 7
-    settings = Settings(redis_url=db_url(redis_server, db), visibility_timeout_s=3)
+    settings = Settings(redis_url=db_url(redis_server, db))
     env = {
-        "GUARDFLEET_VISIBILITY_TIMEOUT_S": "3",
+        # The killed worker's running jobs come back when their leases (2 x TTL) lapse.
+        "GUARDFLEET_HEARTBEAT_TTL_S": "2",
+        "GUARDFLEET_HEARTBEAT_INTERVAL_S": "0.5",
         "GUARDFLEET_WORKER_THREADS": "4",
         "GUARDFLEET_MAX_BATCH_SIZE": "2",
     }
