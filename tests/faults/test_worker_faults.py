@@ -140,8 +140,8 @@ def test_a_message_on_its_way_to_a_killed_worker_is_published_again(
 ) -> None:
     """A worker with room for work keeps a BRPOP waiting in Redis. A message Redis hands it is
     then in no queue, only in a reply the worker has not read: a worker killed in between takes
-    the message with it. The worker is frozen (SIGSTOP) so that it never reads the reply, then killed; only
-    the stale-job sweep runs the job."""
+    the message with it. The worker is frozen (SIGSTOP) so that it never reads the reply, then
+    killed; only the stale-job sweep runs the job."""
     db = 38
     url = db_url(redis_server, db)
     client = redis.Redis.from_url(url, decode_responses=True)
