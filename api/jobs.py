@@ -63,32 +63,41 @@ async def check_callback(res: Resources, url: str | None) -> None:
 
 async def with_webhook(res: Resources, item: T) -> T:
     """The job or batch with its webhook delivery record, if it has one."""
+    if item.callback_url is None:  # no webhook, no record: spare the read on every poll
+        return item
     raw = await res.redis.get(delivery_key(item.id))
     if raw is not None:
         item.webhook = WebhookDelivery.model_validate_json(raw)
     return item
 
 
-async def submit(res: Resources, job: Job, interactive: bool, watch: bool = False) -> Job:
-    """Store and queue `job` in one transaction; a `watch`ed one streams its events from its
-    first token. A Redis error leaves neither record nor message (and answers 503)."""
+async def submit(
+    res: Resources, job: Job, interactive: bool, watch: bool = False, waited: bool = False
+) -> Job:
+    """Store and queue `job` in one step; a `watch`ed one streams its events from its first
+    token, a `waited` one announces its end to `wait_for(..., marked=True)`. A Redis error
+    leaves neither record nor message (and answers 503)."""
     queue = queue_for(interactive)
-    await res.store.create(job, queue, task_message(res.celery, job.id, queue), watch)
+    message = task_message(res.celery, job.id, queue)
+    await res.store.create(job, queue, message, watch, waited)
     metrics.ACCEPTED.labels(queue).inc()
     log.info("job %s queued on %s", job.id, queue, extra={"job_id": job.id})
     return job
 
 
-async def wait_for(res: Resources, job_id: str, timeout_s: float) -> Job | None:
+async def wait_for(
+    res: Resources, job_id: str, timeout_s: float, marked: bool = False
+) -> Job | None:
     """Return the job once it is terminal or `timeout_s` has passed (None if it does not exist).
 
     Subscribes (through the process's shared subscriber) before reading, so a status change
-    between the two is never lost.
+    between the two is never lost; the first read marks the job as waited for, so that its end
+    is announced, unless it was `marked` when submitted.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with res.waiters.watch(job_channel(job_id)) as changed:
-        job = await res.store.get(job_id)
+        job = await (res.store.get(job_id) if marked else res.store.get_waited(job_id))
         while job is not None and not job.status.terminal:
             remaining = deadline - loop.time()
             if remaining <= 0:

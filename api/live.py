@@ -24,6 +24,7 @@ from api.deps import Resources
 from api.errors import APIError
 from guardfleet.keys import JOB_NOTICES, job_key, job_stream, job_stream_channel
 from guardfleet.schemas import Job, JobError, JobStatus
+from guardfleet.store import JOB_FIELDS, load_job
 from guardfleet.streams import Entry
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,16 @@ READ_COUNT = 256
 RECHECK_S = 5  # quiet seconds between reads of the job record, a safety net under the stream
 TERMINAL = {status.value for status in JobStatus if status.terminal}
 
-# KEYS: job. ARGV: the notices channel, the job id. Marks the job watched and returns its
-# document in one step: every change after this is in the stream. A running job's worker is told
-# at once, so it starts writing the text.
+# KEYS: job. ARGV: the notices channel, the job id, then `JOB_FIELDS`. Marks the job watched
+# and returns its record in one step: every change after this is in the stream. A running job's
+# worker is told at once, so it starts writing the text.
 _WATCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'watch', 1)
 if redis.call('HGET', KEYS[1], 'status') == 'running' then
   redis.call('PUBLISH', ARGV[1], ARGV[2])
 end
-return redis.call('HGET', KEYS[1], 'doc')
+return redis.call('HMGET', KEYS[1], unpack(ARGV, 3))
 """
 
 
@@ -56,8 +57,8 @@ def stream_id(value: str) -> tuple[int, int]:
 async def watch(res: Resources, job_id: str) -> Job | None:
     """Start streaming a job: from now on its status changes and text go to its stream.
     Returns the job as it was at that moment."""
-    doc = await res.redis.eval(_WATCH, 1, job_key(job_id), JOB_NOTICES, job_id)
-    return None if doc is None else Job.model_validate_json(doc)
+    raw = await res.redis.eval(_WATCH, 1, job_key(job_id), JOB_NOTICES, job_id, *JOB_FIELDS)
+    return None if raw is None else load_job(raw)
 
 
 async def follow(res: Resources, job_id: str) -> AsyncIterator[Entry | None]:

@@ -40,6 +40,7 @@ from guardfleet.schemas import (
     RequestCounts,
     utcnow,
 )
+from guardfleet.store import JOB_FIELDS, load_job
 
 COUNTER = {
     JobStatus.SUCCEEDED: "completed",
@@ -208,6 +209,6 @@ class AsyncBatchStore:
             ids = [as_text(i) for i in await self.client.lrange(key, start, start + CHUNK - 1)]
             async with self.client.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.hget(job_key(job_id), "doc")
+                    pipe.hmget(job_key(job_id), JOB_FIELDS)
                 raws = await pipe.execute()
-            yield [None if r is None else Job.model_validate_json(r) for r in raws]
+            yield [load_job(r) for r in raws]

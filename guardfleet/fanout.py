@@ -32,7 +32,15 @@ from guardfleet.keys import (
 )
 from guardfleet.queueing import task_message
 from guardfleet.schemas import BatchErrors, BatchItem, BatchStatus, Job, JobStatus, utcnow
-from guardfleet.store import STALE_S, JobStore, add_create, record_fields
+from guardfleet.store import (
+    JOB_FIELDS,
+    STALE_S,
+    JobStore,
+    add_create,
+    load_job,
+    record_fields,
+    renew_open_index,
+)
 
 
 class FanOut:
@@ -162,6 +170,7 @@ class FanOut:
         else:
             for job in jobs:
                 add_create(pipe, job, QUEUE_BULK, self.ttl_s, self.stale_s)
+            renew_open_index(pipe, self.ttl_s)
             pipe.lpush(QUEUE_BULK, *[task_message(self.app, job.id, QUEUE_BULK) for job in jobs])
             if status == BatchStatus.VALIDATING:
                 pipe.hset(
@@ -193,13 +202,13 @@ class FanOut:
             ids = [as_text(i) for i in self.client.lrange(key, start, start + self.chunk - 1)]
             with self.client.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.hget(job_key(job_id), "doc")
+                    pipe.hmget(job_key(job_id), JOB_FIELDS)
                 raws = pipe.execute()
             now = utcnow()
             queued = [
                 job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": now})
-                for job in (Job.model_validate_json(raw) for raw in raws if raw is not None)
-                if job.status is JobStatus.QUEUED
+                for job in (load_job(raw) for raw in raws)
+                if job is not None and job.status is JobStatus.QUEUED
             ]
             saved = self.store.save_many(queued)
             cancelled = [job for job, ok in zip(queued, saved, strict=True) if ok]

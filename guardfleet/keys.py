@@ -15,8 +15,8 @@ TASK_RUN_JOB = "guardfleet.run_job"
 TASK_DELIVER = "guardfleet.deliver_webhook"
 
 # The webhook outbox: every delivery not yet settled, scored by when it is due (or until when it
-# is leased to a queued task). Retries wait here, not as Celery countdowns: an ETA longer than the
-# Redis visibility timeout would be redelivered over and over. Entries leave when settled, or
+# is leased to a queued task). Retries wait here, not as Celery countdowns, which a worker would
+# hold in memory (and lose if killed) until due. Entries leave when settled, or
 # when their delivery record has expired, so it holds at most the deliveries of one TTL.
 WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 
@@ -34,9 +34,9 @@ def job_key(job_id: str) -> str:
 
 # Every job that has not ended, scored by when it counts as stale: queued jobs a long deadline
 # after they were queued, running ones a short lease their worker renews with each heartbeat. A
-# worker's reconciler re-publishes stale jobs, which covers a message the broker lost (Redis can
-# die between handing a message to a consumer and recording it as unacknowledged) and the jobs a
-# dead worker was running.
+# worker's reconciler re-publishes stale jobs, which covers a message the broker lost (a worker
+# holds the messages it took in memory only, and Redis can die while its reply carries one) and
+# the jobs a dead worker was running.
 OPEN_JOBS = f"{PREFIX}:jobs:open"
 
 
@@ -48,8 +48,9 @@ JOB_NOTICES = f"{PREFIX}:jobs:notices"
 
 def job_channel(job_id: str) -> str:
     """Pub/sub channel announcing that a job ended (payload: its final status): what long
-    polls and sync calls wait for. Starting is not announced: nobody waits for it, and each
-    waiter would re-read the record for nothing."""
+    polls and sync calls wait for. Only jobs someone waits for announce (their record has
+    `waited`): most jobs are polled or send a webhook, and nobody listens. Starting is not
+    announced: nobody waits for it, and each waiter would re-read the record for nothing."""
     return f"{PREFIX}:job:{job_id}:events"
 
 

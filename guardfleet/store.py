@@ -9,11 +9,18 @@ change never decodes a document that may carry 200k characters of history:
     gen       how many messages were published for it (the reconciler adds one per re-publish)
     run_gen   `gen` when the current run started
     run_msg   the Celery task id of the message that started the current run
+    run       the current run: its `started_at` (ISO 8601) and its worker, space-separated
+    waited    set when someone waits for the job's end (a sync call, a long poll): only then is
+              the end published on the job's channel
 
-Starting a job is a compare-and-set on `attempt`, allowed when the job is queued, or when it is
-running and the message is the very one that started that run (redelivered after its worker
-died or outlived the visibility timeout) or was published after that run started (the
-reconciler declared the run stale). Any other message is a duplicate and is dropped. The
+A start writes only the small fields (`status`, `attempt`, `run`...); the document is rewritten
+when the job ends (or is cancelled). Read a job with `JOB_FIELDS` and `load_job`, which lays a
+running job's fields over its document, never the document alone.
+
+Starting a job is allowed when the job is queued, or when it is running and the message is the
+very one that started that run (requeued by a worker that handed it back, or restored after a
+broker reconnect) or was published after that run started (the reconciler declared the run
+stale). Any other message is a duplicate and is dropped. The
 attempt that started last owns the job: the result of an older attempt is refused. Ending a job
 (and cancelling one) writes only from a status the change may start from, once.
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -52,25 +60,33 @@ local function note_status(watched, stream, status, attempt, maxlen, ttl)
 end
 """
 
-# KEYS: job, open index, stream. ARGV: doc, attempt expected before, task id, message gen, ttl,
-# deadline in the open index (the run lease), job id, stream maxlen, stream ttl. Returns 2 when
-# the job is watched. Nothing is published on the job's channel (waiters wait for its end, see
-# `job_channel`), and the open index's TTL is renewed by the reconciler, not by every start.
+# KEYS: job, open index, stream. ARGV: task id, message gen, run (start time and worker), deadline
+# in the open index (the run lease), job id, stream maxlen, stream ttl. Returns {code, fields...}:
+# 1 (or 2 when the job is watched) once started, then the record as `JOB_FIELDS` reads it; 0
+# refused and -1 missing, with the record as it is. The same start sent again (its first reply
+# lost) finds its own `run` and answers as if it had started the job now. Nothing is
+# published on the job's channel (waiters wait for its end, see `job_channel`); the job's TTL
+# runs from its creation, and the open index's TTL is renewed by the reconciler.
 _START = (
     _NOTE_STATUS
     + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg', 'watch')
-if not h[1] then return -1 end
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'gen', 'run_gen', 'run_msg', 'watch',
+                     'run', 'doc')
+if not h[1] then return {-1} end
+local function record(code) return {code, h[8], h[1], h[2], h[7]} end
+local watched = 1
+if h[6] then watched = 2 end
+if h[1] == 'running' and h[7] == ARGV[3] then return record(watched) end
 if h[1] ~= 'queued' then
-  if h[1] ~= 'running' then return 0 end
-  if h[5] ~= ARGV[3] and tonumber(ARGV[4]) <= tonumber(h[4] or '0') then return 0 end
+  if h[1] ~= 'running' then return record(0) end
+  if h[5] ~= ARGV[1] and tonumber(ARGV[2]) <= tonumber(h[4] or '0') then return record(0) end
 end
-if h[2] ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', 'running', 'attempt', ARGV[2] + 1,
-           'run_gen', h[3] or '1', 'run_msg', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[7])
-return note_status(h[6], KEYS[3], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
+local attempt = tonumber(h[2]) + 1
+redis.call('HSET', KEYS[1], 'status', 'running', 'attempt', attempt, 'run_gen', h[3] or '1',
+           'run_msg', ARGV[1], 'run', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+h[1], h[2], h[7] = 'running', attempt, ARGV[3]
+return record(note_status(h[6], KEYS[3], 'running', attempt, ARGV[6], ARGV[7]))
 """
 )
 
@@ -80,14 +96,14 @@ return note_status(h[6], KEYS[3], 'running', ARGV[2] + 1, ARGV[8], ARGV[9])
 _END = (
     _NOTE_STATUS
     + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'watch')
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'watch', 'waited')
 if not h[1] then return -1 end
 if not string.find(',' .. ARGV[3] .. ',', ',' .. h[1] .. ',', 1, true) then return 0 end
 if ARGV[5] ~= '' and h[2] ~= ARGV[5] then return 0 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'status', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZREM', KEYS[3], ARGV[6])
-redis.call('PUBLISH', KEYS[2], ARGV[2])
+if h[4] then redis.call('PUBLISH', KEYS[2], ARGV[2]) end
 if h[1] == 'running' and ARGV[2] == 'cancelled' then redis.call('PUBLISH', ARGV[9], ARGV[6]) end
 redis.call('HINCRBY', KEYS[5], 'jobs_ended:' .. ARGV[2], 1)
 note_status(h[3], KEYS[4], ARGV[2], h[2], ARGV[7], ARGV[8])
@@ -108,10 +124,13 @@ class TransitionRefused(Exception):
     """The job is gone, no longer in a status the change may start from, or owned by another
     attempt."""
 
-    def __init__(self, job_id: str, target: JobStatus, missing: bool) -> None:
+    def __init__(
+        self, job_id: str, target: JobStatus, missing: bool, current: Job | None = None
+    ) -> None:
         reason = "does not exist" if missing else "has moved on"
         super().__init__(f"job {job_id} {reason}; not set to {target}")
         self.missing = missing
+        self.current = current  # the job as the refusal found it, where the store said
 
 
 def _end_args(job: Job, ttl_s: int, required_attempt: int | None) -> tuple[list[str], list[Any]]:
@@ -134,11 +153,31 @@ def _check(code: int, job: Job) -> None:
         raise TransitionRefused(job.id, job.status, missing=code == -1)
 
 
-def _load(raw: bytes | str | None) -> Job | None:
-    return None if raw is None else Job.model_validate_json(raw)
+# What a reader asks the job hash for (HMGET), in this order, for `load_job`.
+JOB_FIELDS = ("doc", "status", "attempt", "run")
 
 
-def record_fields(job: Job, queue: str, watch: bool = False) -> dict[FieldT, EncodableT]:
+def load_job(raw: Sequence[Any]) -> Job | None:
+    """The job from its `JOB_FIELDS` (None if it does not exist): the document, with a running
+    job's run laid over it."""
+    doc, status, attempt, run = (_text(v) for v in raw)
+    if doc is None:
+        return None
+    job = Job.model_validate_json(doc)
+    if status == JobStatus.RUNNING.value and run is not None:
+        started, _, worker = run.partition(" ")  # an ISO 8601 time has no space
+        update = {"status": JobStatus.RUNNING, "attempts": int(attempt or 0), "worker": worker}
+        job = job.model_copy(update={**update, "started_at": datetime.fromisoformat(started)})
+    return job
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
+
+
+def record_fields(
+    job: Job, queue: str, watch: bool = False, waited: bool = False
+) -> dict[FieldT, EncodableT]:
     """The hash a new job is created with (also used by the batch store's pipelines)."""
     fields: dict[FieldT, EncodableT] = {
         "doc": job.model_dump_json(),
@@ -149,6 +188,8 @@ def record_fields(job: Job, queue: str, watch: bool = False) -> dict[FieldT, Enc
     }
     if watch:
         fields["watch"] = 1
+    if waited:
+        fields["waited"] = 1
     return fields
 
 
@@ -156,14 +197,37 @@ def add_create(
     pipe: Any, job: Job, queue: str, ttl_s: int, stale_s: float, watch: bool = False
 ) -> None:
     """Queue the commands that create `job` on a (sync or async) pipeline; a `watch`ed job
-    streams its events from the start (`guardfleet.streams`)."""
+    streams its events from the start (`guardfleet.streams`). The caller renews the open
+    index's TTL (`renew_open_index`), once per pipeline rather than once per job."""
     pipe.hset(job_key(job.id), mapping=record_fields(job, queue, watch))
     pipe.expire(job_key(job.id), ttl_s)
     pipe.zadd(OPEN_JOBS, {job.id: time.time() + stale_s})
-    # Renewed with every job created (and by each worker's reconciler while it runs, since a
-    # start renews the job's own TTL), the index outlives each job in it and goes once they have
-    # all expired.
-    pipe.expire(OPEN_JOBS, ttl_s)
+
+
+def renew_open_index(pipe: Any, ttl_s: int) -> None:
+    """Keep the open index alive a little longer than the jobs just created in it (and every
+    worker's reconciler renews it too); it goes once they have all expired."""
+    pipe.expire(OPEN_JOBS, ttl_s + INDEX_RENEW_S)
+
+
+# A job's creation, for the API: one script call rather than a MULTI/EXEC of five commands.
+# KEYS: job, open index, queue. ARGV: ttl, deadline in the open index, job id, task message,
+# the open index's new TTL ('' to leave it), then the record's field/value pairs.
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if ARGV[5] ~= '' then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+redis.call('LPUSH', KEYS[3], ARGV[4])
+"""
+INDEX_RENEW_S = 60
+
+# KEYS: job. ARGV: `JOB_FIELDS`. The record, marked as waited for if it exists.
+_READ_WAITED = """
+local r = redis.call('HMGET', KEYS[1], unpack(ARGV))
+if r[1] then redis.call('HSET', KEYS[1], 'waited', 1) end
+return r
+"""
 
 
 class JobStore:
@@ -184,7 +248,7 @@ class JobStore:
         self._end = client.register_script(_END)
 
     def get(self, job_id: str) -> Job | None:
-        return _load(self.client.hget(job_key(job_id), "doc"))
+        return load_job(self.client.hmget(job_key(job_id), JOB_FIELDS))
 
     def poll(self, job_id: str) -> tuple[str | None, bool]:
         """The status, and whether anyone streams the job: cheap enough to read while it runs."""
@@ -196,27 +260,32 @@ class JobStore:
     def create(self, job: Job, queue: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:
             add_create(pipe, job, queue, self.ttl_s, self.stale_s)
+            renew_open_index(pipe, self.ttl_s)
             pipe.execute()
 
-    def start(self, job: Job, task_id: str, gen: int) -> bool:
-        """Move a job read with `job.attempts - 1` attempts to `running` as attempt
-        `job.attempts`, for the message (`task_id`, `gen`); refused for a duplicate message
-        or if another attempt started in between. True when someone streams the job."""
-        keys = [job_key(job.id), OPEN_JOBS, job_stream(job.id)]
+    def start(
+        self, job_id: str, task_id: str, gen: int, worker: str, started_at: datetime
+    ) -> tuple[Job, bool]:
+        """Move the job to `running` as a new attempt by `worker` at `started_at`, for the
+        message (`task_id`, `gen`); returns it, and whether someone streams it. Raises
+        TransitionRefused (with the job as found) for a duplicate message or a job that is not
+        queued or running. Safe to call again with the same arguments after an error: a start
+        that landed is returned."""
+        keys = [job_key(job_id), OPEN_JOBS, job_stream(job_id)]
         args: list[EncodableT] = [
-            job.model_dump_json(),
-            job.attempts - 1,
             task_id,
             gen,
-            self.ttl_s,
+            f"{started_at.isoformat()} {worker}",
             time.time() + self.run_lease_s,
-            job.id,
+            job_id,
             streams.MAX_ENTRIES,
             streams.TTL_S,
         ]
-        code = int(self._start(keys=keys, args=args))
-        _check(min(code, 1), job)
-        return code == 2
+        code, *raw = self._start(keys=keys, args=args)
+        job = load_job(raw) if raw else None
+        if int(code) < 1 or job is None:
+            raise TransitionRefused(job_id, JobStatus.RUNNING, int(code) == -1, job)
+        return job, int(code) == 2
 
     def hold(self, job_ids: Collection[str], lease_s: float | None = None) -> None:
         """Set the open-index deadline of jobs this worker runs (or hands back) to `lease_s`
@@ -250,9 +319,16 @@ class AsyncJobStore:
         self.ttl_s = ttl_s
         self.stale_s = stale_s
         self._end = client.register_script(_END)
+        self._create = client.register_script(_CREATE)
+        self._read_waited = client.register_script(_READ_WAITED)
+        self._index_renewed = -float(INDEX_RENEW_S)
 
     async def get(self, job_id: str) -> Job | None:
-        return _load(await self.client.hget(job_key(job_id), "doc"))
+        return load_job(await self.client.hmget(job_key(job_id), JOB_FIELDS))
+
+    async def get_waited(self, job_id: str) -> Job | None:
+        """The job, which from now on announces its end on its channel (`job_channel`)."""
+        return load_job(await self._read_waited(keys=[job_key(job_id)], args=list(JOB_FIELDS)))
 
     async def get_many(self, job_ids: Iterable[str]) -> list[Job | None]:
         ids = list(job_ids)
@@ -260,15 +336,22 @@ class AsyncJobStore:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hget(job_key(job_id), "doc")
-            return [_load(raw) for raw in await pipe.execute()]
+                pipe.hmget(job_key(job_id), JOB_FIELDS)
+            return [load_job(raw) for raw in await pipe.execute()]
 
-    async def create(self, job: Job, queue: str, message: str, watch: bool = False) -> None:
-        """Store `job` and, in the same transaction, push its task `message` on `queue`."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            add_create(pipe, job, queue, self.ttl_s, self.stale_s, watch)
-            pipe.lpush(queue, message)  # kombu's list for the queue (consumers BRPOP it)
-            await pipe.execute()
+    async def create(
+        self, job: Job, queue: str, message: str, watch: bool = False, waited: bool = False
+    ) -> None:
+        """Store `job` and, in the same script, push its task `message` on `queue` (kombu's
+        list for the queue, which consumers BRPOP): never a record without its message. A
+        `waited` job announces its end on its channel (`job_channel`)."""
+        renew = ""
+        if time.monotonic() - self._index_renewed >= INDEX_RENEW_S:
+            renew, self._index_renewed = str(self.ttl_s + INDEX_RENEW_S), time.monotonic()
+        fields = [v for pair in record_fields(job, queue, watch, waited).items() for v in pair]
+        keys = [job_key(job.id), OPEN_JOBS, queue]
+        deadline = time.time() + self.stale_s
+        await self._create(keys=keys, args=[self.ttl_s, deadline, job.id, message, renew, *fields])
 
     async def save(self, job: Job) -> None:
         """A change made by the API (a cancel): no attempt is required, since the API never runs

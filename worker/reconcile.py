@@ -1,13 +1,14 @@
 """Re-publish jobs that went stale, so a message the broker lost cannot lose its job.
 
-Redis hands a message to a consumer (BRPOP) and only then records it as unacknowledged; if Redis
-dies in between, the message exists nowhere but in a worker that is about to lose its connection.
-The fault suite saw it happen. Every open job is therefore in the `OPEN_JOBS` index with a deadline
-(`GUARDFLEET_JOB_STALE_S` after it was queued; once started, a lease that its worker renews with
-each heartbeat, so the jobs of a worker that died come back within twice the heartbeat's TTL), and
-each GPU worker runs this sweep: a job past its deadline gets a new message (its `gen` goes up) and
-a new deadline. Duplicates are harmless: a message starts a job only if the job is queued, or if it
-is the message that started the current run, or newer than that run (see `guardfleet.store`), so an
+Redis hands a message to a consumer (BRPOP), and from then on it exists only in that worker's
+memory (kombu's unacknowledged messages are not kept in Redis, `guardfleet.queueing`): a worker
+killed, or a Redis that dies while the reply is on its way, takes it along. Every open job is
+therefore in the `OPEN_JOBS` index with a deadline (`GUARDFLEET_JOB_STALE_S` after it was
+queued; once started, a lease that its worker renews with each heartbeat, so the jobs of a
+worker that died come back within twice the heartbeat's TTL), and each GPU worker runs this
+sweep: a job past its deadline gets a new message (its `gen` goes up) and a new deadline.
+Duplicates are harmless: a message starts a job only if the job is queued, or if it is the
+message that started the current run, or newer than that run (see `guardfleet.store`), so an
 original message that was merely slow is dropped once another has started the job.
 
 Keep the deadline well above the time a job may legitimately wait in the queue or run: a job
@@ -67,8 +68,8 @@ class Reconciler:
 
     def sweep(self) -> int:
         """Re-publish the stale jobs due now; returns how many."""
-        # A start renews its job's TTL but not the index's: renewed here, the index outlives
-        # every job a running worker started (and every job created renews it too).
+        # Renewed here (and by each API process once a minute while it creates jobs), the
+        # index outlives every job in it.
         self.client.expire(OPEN_JOBS, self.ttl_s)
         published = 0
         for job_id in self._open.take_due(self.stale_s, self.limit):

@@ -232,36 +232,24 @@ class WorkerService:
 
     def _start(self, job_id: str, task_id: str, gen: int) -> tuple[Job, bool] | None:
         """Mark the job running as a new attempt (and say whether anyone streams it), or
-        return None if there is nothing (left) to do here."""
-        job = self._redis("reading the job", lambda: self.store.get(job_id))
-        if job is None:
-            log.warning("job %s expired or never existed; nothing to do", job_id)
-            return None
-        if job.status.terminal:
-            log.info("job %s is already %s (redelivery); skipping", job_id, job.status)
-            # Idempotent: finishes what a killed worker left undone.
-            self._redis("announcing the result", lambda: self._announce_end(job))
-            return None
-        running = job.model_copy(
-            update={
-                "status": JobStatus.RUNNING,
-                "started_at": utcnow(),
-                "attempts": job.attempts + 1,
-                "worker": self.name,
-            }
-        )
+        return None if there is nothing (left) to do here. One script reads and starts it."""
+        started_at = utcnow()
         try:
-            watched = self._redis(
-                "starting the job", lambda: self.store.start(running, task_id, gen)
+            return self._redis(
+                "starting the job",
+                lambda: self.store.start(job_id, task_id, gen, self.name, started_at),
             )
         except TransitionRefused as exc:
-            # A retried write whose first try landed is refused by its own effect: check.
-            current = self._redis("reading the job", lambda: self.store.get(job_id))
-            if current is None or current.model_dump() != running.model_dump():
+            job = exc.current
+            if job is None:
+                log.warning("job %s expired or never existed; nothing to do", job_id)
+            elif job.status.terminal:
+                log.info("job %s is already %s (redelivery); skipping", job_id, job.status)
+                # Idempotent: finishes what a killed worker left undone.
+                self._redis("announcing the result", lambda: self._announce_end(job))
+            else:
                 log.info("not running job %s: %s", job_id, exc)
-                return None
-            watched = True  # not known; publishing for nobody costs a few writes
-        return running, watched
+            return None
 
     def _fail(self, job: Job, exc: Exception) -> None:
         """End the job as failed, unless the fault is not its own: then hand it back."""

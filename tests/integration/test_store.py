@@ -3,6 +3,7 @@ attempts overlap."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -11,12 +12,14 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, job_channel
 from guardfleet.queueing import make_celery, publish_jobs, task_message
 from guardfleet.schemas import ClassifyRequest, Job, JobStatus, utcnow
 from guardfleet.settings import Settings
-from guardfleet.store import JobStore, TransitionRefused
+from guardfleet.store import AsyncJobStore, JobStore, TransitionRefused
 from tests.conftest import RedisServer, db_url
 from worker.reconcile import Reconciler
 
@@ -36,15 +39,23 @@ def _new(store: JobStore) -> Job:
     return job
 
 
-def _started(job: Job, worker: str) -> Job:
-    return job.model_copy(
-        update={
-            "status": JobStatus.RUNNING,
-            "attempts": job.attempts + 1,
-            "worker": worker,
-            "started_at": utcnow(),
-        }
-    )
+def _start(store: JobStore, job: Job, worker: str, task_id: str, gen: int = 1) -> Job:
+    started, _ = store.start(job.id, task_id, gen, worker, utcnow())
+    return started
+
+
+def _get_waited(store: JobStore, job_id: str) -> Job | None:
+    """What a long poll's first read does, through the API's async store."""
+
+    async def read() -> Job | None:
+        where = store.client.connection_pool.connection_kwargs
+        client = aioredis.Redis(host=where["host"], port=where["port"], db=where["db"])
+        try:
+            return await AsyncJobStore(client, ttl_s=60).get_waited(job_id)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
 
 
 def _succeeded(job: Job) -> Job:
@@ -59,11 +70,11 @@ def _read(store: JobStore, job: Job) -> Job:
 
 def test_the_attempt_that_started_last_owns_the_job(store: JobStore) -> None:
     job = _new(store)
-    slow = _started(job, "slow@test")
-    store.start(slow, "task-1", 1)
-    # The visibility timeout ran out: the same message went to another worker.
-    fresh = _started(_read(store, job), "fresh@test")
-    store.start(fresh, "task-1", 1)
+    slow = _start(store, job, "slow@test", "task-1")
+    assert (slow.status, slow.attempts, slow.worker) == (JobStatus.RUNNING, 1, "slow@test")
+    assert _read(store, job) == slow, "a reader sees the run the start returned"
+    # Its worker died: the same message went to another worker.
+    fresh = _start(store, job, "fresh@test", "task-1")
 
     with pytest.raises(TransitionRefused):
         store.save(_succeeded(slow))
@@ -75,12 +86,28 @@ def test_the_attempt_that_started_last_owns_the_job(store: JobStore) -> None:
     assert store.client.zscore(OPEN_JOBS, job.id) is None, "an ended job left the open index"
 
 
-def test_two_copies_started_from_one_read_cannot_both_own_it(store: JobStore) -> None:
+def test_a_start_sent_again_returns_the_run_it_started(store: JobStore) -> None:
+    """A start whose reply was lost is retried with the same arguments: it must answer with
+    the run it started, not start another attempt."""
     job = _new(store)
-    store.start(_started(job, "a@test"), "task-1", 1)
-    with pytest.raises(TransitionRefused):
-        store.start(_started(job, "b@test"), "task-1", 1)
-    assert _read(store, job).worker == "a@test"
+    at = utcnow()
+    first, _ = store.start(job.id, "task-1", 1, "a@test", at)
+    again, _ = store.start(job.id, "task-1", 1, "a@test", at)
+    assert again == first and again.attempts == 1
+    assert _read(store, job).attempts == 1
+
+
+def test_a_refused_start_says_what_it_found(store: JobStore) -> None:
+    job = _new(store)
+    done = _start(store, job, "a@test", "task-1")
+    store.save(_succeeded(done))
+    with pytest.raises(TransitionRefused) as refused:
+        store.start(job.id, "task-2", 2, "b@test", utcnow())
+    assert refused.value.current is not None
+    assert refused.value.current.status is JobStatus.SUCCEEDED
+    with pytest.raises(TransitionRefused) as missing:
+        store.start("job_missing", "task-3", 1, "b@test", utcnow())
+    assert missing.value.missing and missing.value.current is None
 
 
 def test_a_duplicate_message_cannot_take_a_running_job(store: JobStore) -> None:
@@ -88,51 +115,81 @@ def test_a_duplicate_message_cannot_take_a_running_job(store: JobStore) -> None:
     original has started the job; a message published after the run started may take over."""
     job = _new(store)
     store.client.hincrby(f"guardfleet:job:{job.id}", "gen", 1)  # the reconciler re-published
-    store.start(_started(job, "a@test"), "original", 1)
-    running = _read(store, job)
+    _start(store, job, "a@test", "original", 1)
     with pytest.raises(TransitionRefused):
-        store.start(_started(running, "b@test"), "republished", 2)
+        _start(store, job, "b@test", "republished", 2)
     store.client.hincrby(f"guardfleet:job:{job.id}", "gen", 1)  # the run itself went stale
-    store.start(_started(running, "c@test"), "republished-again", 3)
+    _start(store, job, "c@test", "republished-again", 3)
     assert _read(store, job).worker == "c@test"
 
 
-def test_a_job_life_costs_eighteen_commands_and_one_announcement(
+def test_a_job_life_costs_sixteen_commands_and_one_announcement(
     private_redis: redis.Redis,
 ) -> None:
-    """Create, start and end a job: every command counts against what one Redis serves (and
-    script calls count their own commands, as in INFO commandstats). Starting announces nothing
-    (waiters wait for the end, and each would re-read the record for nothing), and leaves the
-    open index's TTL to the reconciler."""
+    """Create (as the API does), start and end a job: every command counts against what one
+    Redis serves (and script calls count their own commands, as in INFO commandstats). Starting
+    announces nothing (waiters wait for the end, and each would re-read the record for
+    nothing), renews no TTL (the job's runs from its creation, the open index's is renewed by
+    the reconciler), and reads the record itself, so a worker needs no read before it."""
     store = JobStore(private_redis, ttl_s=60)
-    warm = _started(_new(store), "a@test")  # loads the scripts
-    store.start(warm, "task-0", 1)
-    store.save(_succeeded(warm))
+    app = make_celery(Settings())
     job = Job(request=ClassifyRequest(prompt="hello"))
     listener = private_redis.pubsub()  # type: ignore[no-untyped-call]
     listener.subscribe(job_channel(job.id))
     assert listener.get_message(timeout=5) is not None  # the subscribe confirmation
-    private_redis.config_resetstat()
 
-    store.create(job, QUEUE_BULK)
-    started = _started(job, "a@test")
-    store.start(started, "task-1", 1)
-    store.save(_succeeded(started))
+    async def lives() -> None:
+        where = private_redis.connection_pool.connection_kwargs
+        api = AsyncJobStore(aioredis.Redis(host=where["host"], port=where["port"]), ttl_s=60)
+        warm = Job(request=ClassifyRequest(prompt="hello"))
+        # Loads the scripts, and renews the open index's TTL for the next minute.
+        await api.create(warm, QUEUE_BULK, task_message(app, warm.id, QUEUE_BULK))
+        store.save(_succeeded(_start(store, warm, "a@test", "task-0")))
+        private_redis.config_resetstat()
+        # As a sync call creates it: someone waits, so its end is announced.
+        await api.create(job, QUEUE_BULK, task_message(app, job.id, QUEUE_BULK), waited=True)
+        store.save(_succeeded(_start(store, job, "a@test", "task-1")))
+        await api.client.aclose()
 
+    asyncio.run(lives())
     stats = private_redis.info("commandstats")
     calls = Counter({name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()})
     del calls["config|resetstat"], calls["info"]
-    assert calls.total() <= 18, calls
+    assert calls.total() <= 16, calls
+    assert calls["evalsha"] == 3, calls  # one call each: create, start, end
     announced = [listener.get_message(timeout=1) for _ in range(2)]
     assert [m["data"] for m in announced if m] == [b"succeeded"]
     assert calls["publish"] == 1
+
+
+def test_only_a_job_someone_waits_for_announces_its_end(store: JobStore) -> None:
+    """Most jobs are polled or send a webhook: their end is published to nobody. A long poll
+    marks the job with its first read, and from then on the end is announced."""
+    quiet, waited = _new(store), _new(store)
+    listener = store.client.pubsub()  # type: ignore[no-untyped-call]
+    listener.subscribe(job_channel(quiet.id), job_channel(waited.id))
+    for _ in range(2):
+        assert listener.get_message(timeout=5) is not None  # the subscribe confirmations
+
+    assert _get_waited(store, waited.id) == _read(store, waited)
+    for job in (quiet, waited):
+        store.save(_succeeded(_start(store, job, "a@test", "task-1")))
+    heard = [m for _ in range(3) if (m := listener.get_message(timeout=1)) is not None]
+    assert [(m["channel"], m["data"]) for m in heard] == [
+        (job_channel(waited.id).encode(), b"succeeded")
+    ]
+
+
+def test_a_missing_job_is_not_created_by_waiting_for_it(store: JobStore) -> None:
+    assert _get_waited(store, "job_missing") is None
+    assert store.client.exists("guardfleet:job:job_missing") == 0
 
 
 def test_the_reconciler_keeps_the_open_index_alive_while_jobs_run(store: JobStore) -> None:
     """Starts renew their job's TTL, not the index's: a worker's sweep does, so the index cannot
     expire under a job that was queued long before it started."""
     job = _new(store)
-    store.start(_started(job, "a@test"), "task-1", 1)
+    _start(store, job, "a@test", "task-1")
     store.client.expire(OPEN_JOBS, 2)  # as if created long ago
     published: list[object] = []
     Reconciler(store.client, lambda *a, **k: published.append(a), 3600, 60).sweep()
@@ -146,9 +203,8 @@ def test_a_lease_renewal_never_brings_back_an_ended_job(store: JobStore) -> None
     between its read of them and the renewal must stay out of the open index, or the
     reconciler would publish a finished job again."""
     running, ended = _new(store), _new(store)
-    for job in (running, ended):
-        store.start(_started(job, "a@test"), "task-1", 1)
-    store.save(_succeeded(_started(ended, "a@test")))
+    started = [_start(store, job, "a@test", "task-1") for job in (running, ended)]
+    store.save(_succeeded(started[1]))
     store.hold([running.id, ended.id], 100)
     assert store.client.zscore(OPEN_JOBS, ended.id) is None
     deadline = store.client.zscore(OPEN_JOBS, running.id)
@@ -159,16 +215,21 @@ def test_a_cancelled_job_cannot_be_started(store: JobStore) -> None:
     job = _new(store)
     store.client.hset(f"guardfleet:job:{job.id}", "status", JobStatus.CANCELLED.value)
     with pytest.raises(TransitionRefused):
-        store.start(_started(job, "a@test"), "task-1", 1)
+        _start(store, job, "a@test", "task-1")
 
 
 def test_transitions_read_status_without_the_document(store: JobStore) -> None:
     """The scripts must not parse the (possibly huge) document: a record whose document is not
     even JSON still changes status."""
     job = _new(store)
-    store.client.hset(f"guardfleet:job:{job.id}", "doc", "x" * 200_000)
-    store.start(_started(job, "a@test"), "task-1", 1)
-    assert store.client.hget(f"guardfleet:job:{job.id}", "status") == b"running"
+    key = f"guardfleet:job:{job.id}"
+    store.client.hset(key, "doc", "x" * 200_000)
+    with pytest.raises(ValidationError):  # only the reader in Python parses what it returns
+        store.start(job.id, "task-1", 1, "a@test", utcnow())
+    assert store.client.hget(key, "status") == b"running"
+    done = job.model_copy(update={"status": JobStatus.SUCCEEDED, "attempts": 1})
+    store.save(done)
+    assert store.client.hget(key, "status") == b"succeeded"
 
 
 def test_the_api_builds_the_message_kombu_would_publish(redis_server: RedisServer) -> None:
