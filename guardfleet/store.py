@@ -205,9 +205,9 @@ def add_create(
 
 
 def renew_open_index(pipe: Any, ttl_s: int) -> None:
-    """Keep the open index alive a little longer than the jobs just created in it (and every
-    worker's reconciler renews it too); it goes once they have all expired."""
-    pipe.expire(OPEN_JOBS, ttl_s + INDEX_RENEW_S)
+    """Keep the open index alive as long as the jobs just created in it; every worker's
+    reconciler renews it too, so it goes only once no worker runs and its jobs have expired."""
+    pipe.expire(OPEN_JOBS, ttl_s)
 
 
 # A job's creation, for the API: one script call rather than a MULTI/EXEC of five commands.
@@ -347,7 +347,10 @@ class AsyncJobStore:
         `waited` job announces its end on its channel (`job_channel`)."""
         renew = ""
         if time.monotonic() - self._index_renewed >= INDEX_RENEW_S:
-            renew, self._index_renewed = str(self.ttl_s + INDEX_RENEW_S), time.monotonic()
+            # The jobs of the next minute may outlive the index by up to a minute if no worker
+            # runs meanwhile (each one's reconciler renews it every few seconds): then nothing
+            # sweeps the index anyway.
+            renew, self._index_renewed = str(self.ttl_s), time.monotonic()
         fields = [v for pair in record_fields(job, queue, watch, waited).items() for v in pair]
         keys = [job_key(job.id), OPEN_JOBS, queue]
         deadline = time.time() + self.stale_s

@@ -54,7 +54,8 @@ API_IMAGE = "guardfleet-api:latest"
 CPU_WORKER = "worker-cpu"
 COMPOSE = ["docker", "compose", "-f", str(ROOT / "compose.yaml")]
 BURST = 60
-HEARTBEAT_TTL_S = 6  # the running jobs of a killed worker come back after 2 x this
+HEARTBEAT_TTL_S = 8  # the running jobs of a killed worker come back after 2 x this
+HEARTBEAT_INTERVAL_S = 2  # several beats per TTL, so that a busy machine never misses one
 # A message that Redis had already handed to the killed worker (its BRPOP reply in flight, or
 # taken and not yet started) died with it: the stale-job sweep publishes such a job again after
 # this long (the default is two hours).
@@ -141,6 +142,7 @@ def write_env_file(path: Path, redis_image: str, **extra: str) -> None:
         "GUARDFLEET_FLOWER_PASSWORD": FLOWER_AUTH[1],
         "GUARDFLEET_REDIS_IMAGE": redis_image,
         "GUARDFLEET_HEARTBEAT_TTL_S": str(HEARTBEAT_TTL_S),
+        "GUARDFLEET_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
         "GUARDFLEET_WORKER_THREADS": str(WORKER_THREADS),
         "GUARDFLEET_JOB_STALE_S": str(STALE_S),
         "GUARDFLEET_WEBHOOK_SECRETS": SECRET,

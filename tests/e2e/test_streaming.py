@@ -33,10 +33,10 @@ RANDOM_ENV = {
     "GUARDFLEET_MAX_CHAT_TOKENS": "4000",
     "GUARDFLEET_MAX_NEW_TOKENS_NO_THINK": "4000",
     "GUARDFLEET_MAX_INPUT_TOKENS": "1500",  # a classify prompt (taxonomy included) fits
-    # A killed worker's running job comes back when its lease (2 x TTL) lapses.
-    "GUARDFLEET_HEARTBEAT_TTL_S": "2",
-    "GUARDFLEET_HEARTBEAT_INTERVAL_S": "0.5",
 }
+# For the worker-kill test: a killed worker's running job comes back when its lease (2 x TTL)
+# lapses, here after 6 s.
+SHORT_LEASES = {"GUARDFLEET_HEARTBEAT_TTL_S": "3", "GUARDFLEET_HEARTBEAT_INTERVAL_S": "0.5"}
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,7 @@ def test_a_worker_killed_mid_stream_costs_the_reader_nothing(
     """The job runs again on another worker from the start; greedy decoding writes the same
     text, so the stream carries on where it was and the content is whole, once."""
     db = RANDOM_DB + 1
-    env = {**RANDOM_ENV, "GUARDFLEET_MODEL": str(random_model)}
+    env = {**RANDOM_ENV, **SHORT_LEASES, "GUARDFLEET_MODEL": str(random_model)}
     doomed = start_worker("doomed-stream@test", db=db, **env)
     api = start_api(db=db, GUARDFLEET_SYNC_TIMEOUT_S="120", **env)  # the rescuer must start
     client = redis.Redis.from_url(db_url(redis_server, db))

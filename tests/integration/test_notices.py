@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from guardfleet.keys import STATS
 from guardfleet.schemas import JobStatus
 from tests.conftest import StartWorker, queue_backlog, wait_until
 
@@ -30,12 +31,14 @@ def test_waiting_jobs_do_not_poll_their_status(
     store, ids = queue_backlog(
         url, [f"How do I sharpen a kitchen knife, take {i}?" for i in range(JOBS)]
     )
+    # Counted, not read job by job: a read of the job is an HMGET too.
     wait_until(
-        lambda: all((j := store.get(i)) and j.status is JobStatus.SUCCEEDED for i in ids),
+        lambda: int(private_redis.hget(STATS, "jobs_ended:succeeded") or 0) >= JOBS,
         180,
         "every job to succeed",
     )
     calls = private_redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+    assert all((j := store.get(i)) and j.status is JobStatus.SUCCEEDED for i in ids)
     # Two per job are the start and end scripts' own reads; polling added one per half second
     # of every job's wait.
     assert calls <= 2 * JOBS + 2, f"{calls} HMGETs for {JOBS} jobs"

@@ -1,0 +1,71 @@
+"""What a job costs the one Redis every job passes through, counted as Redis counts it (`INFO
+commandstats`: a script's own calls count). `make bench-api` measures the same on 1,000 jobs and
+writes the figures; this keeps them from creeping back up."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import pytest
+import redis
+
+from guardfleet.keys import STATS
+from tests.conftest import ApiServer, StartWorker, wait_until
+
+JOBS = 40
+# 18.1-18.3 in make bench-api; 32.5 before kombu's unacknowledged-message bookkeeping went and
+# the start, submit and end scripts were trimmed. Background chatter (heartbeats, sweeps, idle
+# BRPOPs: about 3 commands a second) is counted too: 19.0 here on the 2-core test machine, and
+# more where the jobs run slower.
+WHOLE_JOB_BUDGET = 21
+
+
+def _calls(client: redis.Redis) -> Counter[str]:
+    stats = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()})
+
+
+@pytest.mark.timeout(240)
+def test_an_async_job_costs_redis_at_most_twenty_one_commands(
+    private_redis: redis.Redis,
+    start_worker: StartWorker,
+    start_api: Callable[..., ApiServer],
+) -> None:
+    """Submit, run on a real worker, one poll: the whole life of a fire-and-forget job."""
+    where = private_redis.connection_pool.connection_kwargs
+    url = f"redis://{where['host']}:{where['port']}/0"
+    start_worker("budget@test", url=url)
+    api = start_api(url=url)
+
+    def ended() -> int:
+        return int(private_redis.hget(STATS, "jobs_ended:succeeded") or 0)
+
+    with httpx.Client(base_url=api.url, timeout=30) as http:
+        warm = http.post("/v1/jobs", json={"prompt": "How do I bake bread?"}).json()
+        assert http.get(f"/v1/jobs/{warm['id']}?wait=60").json()["status"] == "succeeded"
+        private_redis.config_resetstat()
+        checks = 0
+
+        def all_ended() -> bool:
+            nonlocal checks
+            checks += 1
+            return ended() >= JOBS + 1
+
+        ids = [
+            http.post("/v1/jobs", json={"prompt": f"How do I plant tomatoes? #{i}"}).json()["id"]
+            for i in range(JOBS)
+        ]
+        wait_until(all_ended, 120, "every job to succeed", every=0.2)
+        statuses = [http.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids]
+    assert statuses == ["succeeded"] * JOBS
+
+    calls = _calls(private_redis)
+    calls["hget"] -= checks  # this test's own reads of the counter
+    del calls["config|resetstat"]
+    assert calls.total() / JOBS <= WHOLE_JOB_BUDGET, calls
+    # kombu's bookkeeping of unacknowledged messages (a MULTI/EXEC as each message is taken,
+    # another as it is acknowledged) stays off: the job store's leases cover a dead worker.
+    assert calls["multi"] == calls["exec"] == 0, calls
+    assert private_redis.exists("unacked", "unacked_index") == 0
