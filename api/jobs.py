@@ -75,7 +75,7 @@ async def submit(
     res: Resources, job: Job, interactive: bool, watch: bool = False, waited: bool = False
 ) -> Job:
     """Store and queue `job` in one step; a `watch`ed one streams its events from its first
-    token, a `waited` one announces its end to `wait_for(..., marked=True)`. A Redis error
+    token, a `waited` one announces its end on its channel (`submit_and_wait`). A Redis error
     leaves neither record nor message (and answers 503)."""
     queue = queue_for(interactive)
     message = task_message(res.celery, job.id, queue)
@@ -85,28 +85,43 @@ async def submit(
     return job
 
 
-async def wait_for(
-    res: Resources, job_id: str, timeout_s: float, marked: bool = False
-) -> Job | None:
+async def wait_for(res: Resources, job_id: str, timeout_s: float) -> Job | None:
     """Return the job once it is terminal or `timeout_s` has passed (None if it does not exist).
 
     Subscribes (through the process's shared subscriber) before reading, so a status change
-    between the two is never lost; the first read marks the job as waited for, so that its end
-    is announced, unless it was `marked` when submitted.
+    between the two is never lost; the read marks the job as waited for, so that its end is
+    announced.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s
     async with res.waiters.watch(job_channel(job_id)) as changed:
-        job = await (res.store.get(job_id) if marked else res.store.get_waited(job_id))
-        while job is not None and not job.status.terminal:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, _RECHECK_S))
-            changed.clear()  # before the read: a change after it wakes us again
-            job = await res.store.get(job_id)
-        return job
+        job = await res.store.get_waited(job_id)
+        return await _until_ended(res, job, changed, deadline)
+
+
+async def submit_and_wait(res: Resources, job: Job, timeout_s: float) -> Job:
+    """A sync call: queue `job` on the interactive lane and return it once it is terminal or
+    `timeout_s` has passed. Subscribed before the job exists, so its end cannot be missed and
+    nothing needs reading until it is announced."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with res.waiters.watch(job_channel(job.id)) as changed:
+        await submit(res, job, interactive=True, waited=True)
+        return await _until_ended(res, job, changed, deadline) or job
+
+
+async def _until_ended(
+    res: Resources, job: Job | None, changed: asyncio.Event, deadline: float
+) -> Job | None:
+    """Re-read the job on each announcement (and every _RECHECK_S) until it is terminal."""
+    loop = asyncio.get_running_loop()
+    while job is not None and not job.status.terminal:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), min(remaining, _RECHECK_S))
+        changed.clear()  # before the read: a change after it wakes us again
+        job = await res.store.get(job.id)
+    return job
 
 
 def not_found(job_id: str) -> APIError:

@@ -187,8 +187,8 @@ async def chat_completions(
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = ChatStream(res, job.id, body.model, include_usage)
         return event_stream(stream.events())
-    job = await jobs.submit(res, jobs.new_job(chat), interactive=True, waited=True)
-    done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s, marked=True) or job
+    job = jobs.new_job(chat)
+    done = await jobs.submit_and_wait(res, job, res.settings.sync_timeout_s)
     if not done.status.terminal:
         raise APIError(
             504,

@@ -156,8 +156,8 @@ async def classify(body: ClassifyCall, res: ResourcesDep, response: Response) ->
         job = await jobs.submit(res, jobs.new_job(request), interactive=True, watch=True)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         return live.event_stream(events_of(res, job, None, owned=True), headers)
-    job = await jobs.submit(res, jobs.new_job(request), interactive=True, waited=True)
-    done = await jobs.wait_for(res, job.id, res.settings.sync_timeout_s, marked=True) or job
+    job = jobs.new_job(request)
+    done = await jobs.submit_and_wait(res, job, res.settings.sync_timeout_s)
     location = f"/v1/jobs/{job.id}"
     if not done.status.terminal:
         raise APIError(

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from guardfleet.keys import STATS
+from guardfleet.keys import STATS, job_channel
 from tests.conftest import ApiServer, StartWorker, wait_until
 
 JOBS = 40
@@ -69,3 +69,34 @@ def test_an_async_job_costs_redis_at_most_twenty_one_commands(
     # another as it is acknowledged) stays off: the job store's leases cover a dead worker.
     assert calls["multi"] == calls["exec"] == 0, calls
     assert private_redis.exists("unacked", "unacked_index") == 0
+
+
+SYNC_CALLS = 20
+
+
+@pytest.mark.timeout(240)
+def test_a_sync_call_reads_its_job_once_it_has_ended(
+    private_redis: redis.Redis,
+    start_worker: StartWorker,
+    start_api: Callable[..., ApiServer],
+) -> None:
+    """The API subscribes to the job's channel before it creates the job, so it reads the
+    record once, when the end is announced, not also right after queueing it."""
+    where = private_redis.connection_pool.connection_kwargs
+    url = f"redis://{where['host']}:{where['port']}/0"
+    start_worker("sync-budget@test", url=url)
+    api = start_api(url=url)
+    with httpx.Client(base_url=api.url, timeout=60) as http:
+        body = {"prompt": "How do I bake bread?"}
+        assert http.post("/v1/classify", json=body).json()["status"] == "succeeded"  # warm
+        listener = private_redis.pubsub()  # type: ignore[no-untyped-call]
+        listener.psubscribe(job_channel("*"))
+        assert listener.get_message(timeout=5) is not None  # the subscribe confirmation
+        private_redis.config_resetstat()
+        answers = [http.post("/v1/classify", json=body).json() for _ in range(SYNC_CALLS)]
+    assert [a["status"] for a in answers] == ["succeeded"] * SYNC_CALLS
+    calls = _calls(private_redis)
+    # Per call: the start and end scripts each read the record, and the API reads it once.
+    assert calls["hmget"] <= 3 * SYNC_CALLS, calls
+    announced = [m for _ in range(SYNC_CALLS + 1) if (m := listener.get_message(timeout=1))]
+    assert [m["data"] for m in announced] == [b"succeeded"] * SYNC_CALLS
