@@ -153,7 +153,8 @@ def _check(code: int, job: Job) -> None:
         raise TransitionRefused(job.id, job.status, missing=code == -1)
 
 
-# What a reader asks the job hash for (HMGET), in this order, for `load_job`.
+# What a reader asks the job hash for (HMGET), in this order, for `load_job` (and
+# `_READ_WAITED`, which reads the status second).
 JOB_FIELDS = ("doc", "status", "attempt", "run")
 
 
@@ -222,10 +223,11 @@ redis.call('LPUSH', KEYS[3], ARGV[4])
 """
 INDEX_RENEW_S = 60
 
-# KEYS: job. ARGV: `JOB_FIELDS`. The record, marked as waited for if it exists.
+# KEYS: job. ARGV: `JOB_FIELDS` (the status second). The record, marked as waited for if it
+# exists and has not ended (an ended job has nothing left to announce).
 _READ_WAITED = """
 local r = redis.call('HMGET', KEYS[1], unpack(ARGV))
-if r[1] then redis.call('HSET', KEYS[1], 'waited', 1) end
+if r[2] == 'queued' or r[2] == 'running' then redis.call('HSET', KEYS[1], 'waited', 1) end
 return r
 """
 

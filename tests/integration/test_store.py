@@ -185,6 +185,14 @@ def test_a_missing_job_is_not_created_by_waiting_for_it(store: JobStore) -> None
     assert store.client.exists("guardfleet:job:job_missing") == 0
 
 
+def test_waiting_for_an_ended_job_writes_nothing(store: JobStore) -> None:
+    job = _new(store)
+    store.save(_succeeded(_start(store, job, "a@test", "task-1")))
+    waited = _get_waited(store, job.id)
+    assert waited is not None and waited.status is JobStatus.SUCCEEDED
+    assert store.client.hget(f"guardfleet:job:{job.id}", "waited") is None
+
+
 def test_the_reconciler_keeps_the_open_index_alive_while_jobs_run(store: JobStore) -> None:
     """Starts renew their job's TTL, not the index's: a worker's sweep does, so the index cannot
     expire under a job that was queued long before it started."""
