@@ -39,10 +39,10 @@ def create_app() -> Celery:
     app.conf.update(
         worker_pool="threads",
         # More task threads than the batch size, so that a full batch can be waiting on the
-        # model thread while the next requests are already taken off the queue. Each thread
-        # holds one job; a prefetch multiplier of 1 reserves one more message per thread, so a
-        # killed worker strands at most 2 x threads jobs, all redelivered after the visibility
-        # timeout.
+        # model thread while the next requests are already taken off the queue. A prefetch
+        # multiplier of 1 takes at most one message per thread (acknowledged late, so a message
+        # counts until its job has ended), and a thread starts its job as soon as it has one:
+        # what a killed worker held is jobs under a lease, which come back when it lapses.
         worker_concurrency=threads,
         worker_prefetch_multiplier=1,
     )
