@@ -255,9 +255,7 @@ class JobStore:
     def poll(self, job_id: str) -> tuple[str | None, bool]:
         """The status, and whether anyone streams the job: cheap enough to read while it runs."""
         status, watch = self.client.hmget(job_key(job_id), ["status", "watch"])
-        if status is None:
-            return None, False
-        return (status.decode() if isinstance(status, bytes) else str(status)), watch is not None
+        return _text(status), status is not None and watch is not None
 
     def create(self, job: Job, queue: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:
