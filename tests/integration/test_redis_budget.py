@@ -22,6 +22,21 @@ JOBS = 40
 WHOLE_JOB_BUDGET = 21
 
 
+@pytest.fixture
+def api(
+    request: pytest.FixtureRequest,
+    private_redis: redis.Redis,
+    start_worker: StartWorker,
+    start_api: Callable[..., ApiServer],
+) -> ApiServer:
+    """A worker and an API on a Redis of the test's own, so that every command counted is
+    theirs (or the test's)."""
+    where = private_redis.connection_pool.connection_kwargs
+    url = f"redis://{where['host']}:{where['port']}/0"
+    start_worker(f"{request.node.name.removeprefix('test_')}@test", url=url)  # its own log
+    return start_api(url=url)
+
+
 def _calls(client: redis.Redis) -> Counter[str]:
     stats = client.info("commandstats")
     return Counter({name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()})
@@ -29,15 +44,9 @@ def _calls(client: redis.Redis) -> Counter[str]:
 
 @pytest.mark.timeout(240)
 def test_an_async_job_costs_redis_at_most_twenty_one_commands(
-    private_redis: redis.Redis,
-    start_worker: StartWorker,
-    start_api: Callable[..., ApiServer],
+    private_redis: redis.Redis, api: ApiServer
 ) -> None:
     """Submit, run on a real worker, one poll: the whole life of a fire-and-forget job."""
-    where = private_redis.connection_pool.connection_kwargs
-    url = f"redis://{where['host']}:{where['port']}/0"
-    start_worker("budget@test", url=url)
-    api = start_api(url=url)
 
     def ended() -> int:
         return int(private_redis.hget(STATS, "jobs_ended:succeeded") or 0)
@@ -76,16 +85,10 @@ SYNC_CALLS = 20
 
 @pytest.mark.timeout(240)
 def test_a_sync_call_reads_its_job_once_it_has_ended(
-    private_redis: redis.Redis,
-    start_worker: StartWorker,
-    start_api: Callable[..., ApiServer],
+    private_redis: redis.Redis, api: ApiServer
 ) -> None:
     """The API subscribes to the job's channel before it creates the job, so it reads the
     record once, when the end is announced, not also right after queueing it."""
-    where = private_redis.connection_pool.connection_kwargs
-    url = f"redis://{where['host']}:{where['port']}/0"
-    start_worker("sync-budget@test", url=url)
-    api = start_api(url=url)
     with httpx.Client(base_url=api.url, timeout=60) as http:
         body = {"prompt": "How do I bake bread?"}
         assert http.post("/v1/classify", json=body).json()["status"] == "succeeded"  # warm

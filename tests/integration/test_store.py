@@ -44,12 +44,17 @@ def _start(store: JobStore, job: Job, worker: str, task_id: str, gen: int = 1) -
     return started
 
 
+def _async_client(client: redis.Redis) -> aioredis.Redis:
+    """An asyncio client (the API's kind) on the same Redis database as `client`."""
+    where = client.connection_pool.connection_kwargs
+    return aioredis.Redis(host=where["host"], port=where["port"], db=where.get("db", 0))
+
+
 def _get_waited(store: JobStore, job_id: str) -> Job | None:
     """What a long poll's first read does, through the API's async store."""
 
     async def read() -> Job | None:
-        where = store.client.connection_pool.connection_kwargs
-        client = aioredis.Redis(host=where["host"], port=where["port"], db=where["db"])
+        client = _async_client(store.client)
         try:
             return await AsyncJobStore(client, ttl_s=60).get_waited(job_id)
         finally:
@@ -139,8 +144,7 @@ def test_a_job_life_costs_sixteen_commands_and_one_announcement(
     assert listener.get_message(timeout=5) is not None  # the subscribe confirmation
 
     async def lives() -> None:
-        where = private_redis.connection_pool.connection_kwargs
-        api = AsyncJobStore(aioredis.Redis(host=where["host"], port=where["port"]), ttl_s=60)
+        api = AsyncJobStore(_async_client(private_redis), ttl_s=60)
         warm = Job(request=ClassifyRequest(prompt="hello"))
         # Loads the scripts, and renews the open index's TTL for the next minute.
         await api.create(warm, QUEUE_BULK, task_message(app, warm.id, QUEUE_BULK))
