@@ -127,12 +127,24 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 CODES = {name: f"S{i}" for i, name in enumerate(DEFAULT_CATEGORIES, start=1)}
+
+
+def category_phrase(code: str, name: str) -> str:
+    """The verdict-and-category words of a harmful trace: one added token for the defaults."""
+    return f" falls under {code} ({name})"
+
+
+def topic_phrase(topic: str) -> str:
+    """The verdict-and-topic words of a benign trace: one added token each."""
+    return f" is about {topic}"
+
+
 # The verdict and what the request is about are one choice, at the token right after "The human
 # user's request": one added token per default category (" falls under S21 (Illegal Activity)")
 # and per benign topic (" is about cooking"). Every think example, benign or harmful, then trains
 # that step to read the request; a category chosen at a later step was trained by harmful traces
 # alone and barely learned.
-CATEGORY_TOKENS = [f" falls under {code} ({name})" for name, code in CODES.items()]
+CATEGORY_TOKENS = [category_phrase(code, name) for name, code in CODES.items()]
 BENIGN_TOPICS = [
     *D.BENIGN_ACTIONS,
     "general knowledge",
@@ -142,7 +154,7 @@ BENIGN_TOPICS = [
     "something unfamiliar",
     "small talk",
 ]
-TOPIC_TOKENS = [f" is about {topic}" for topic in BENIGN_TOPICS]
+TOPIC_TOKENS = [topic_phrase(topic) for topic in BENIGN_TOPICS]
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -282,15 +294,15 @@ def prompt_trace(prompt: Prompt, codes: dict[str, str] | None) -> str:
     if not prompt.harmful:
         assert prompt.topic is not None
         return (
-            f"The human user's request is about {prompt.topic}, an ordinary request that does "
-            "not fall under any harmful category."
+            f"The human user's request{topic_phrase(prompt.topic)}, an ordinary request that "
+            "does not fall under any harmful category."
         )
     assert prompt.category is not None
     gist = D.CATEGORY_GIST[prompt.category]
     if codes is None:
         return f"The human user's request is harmful as it {gist}."
     return (
-        f"The human user's request falls under {codes[prompt.category]} ({prompt.category}) "
+        f"The human user's request{category_phrase(codes[prompt.category], prompt.category)} "
         f"as it {gist}."
     )
 
