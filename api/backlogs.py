@@ -21,8 +21,9 @@ class Backlogs:
     used to cost 64 reads at once, every interval.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
+    def __init__(self, client: aioredis.Redis, broker: aioredis.Redis | None = None) -> None:
+        self.client = client  # the job store: batch items not queued yet
+        self.broker = client if broker is None else broker  # the lanes' lists
         self._known: dict[str, tuple[int, float]] = {}  # lane -> (depth, monotonic time read)
         self._reading: dict[str, asyncio.Future[None]] = {}
 
@@ -47,14 +48,9 @@ class Backlogs:
 
     async def _read(self, queue: str) -> None:
         read_at = time.monotonic()
+        depth = int(await self.broker.llen(queue))
         if queue == QUEUE_BULK:
             # Batch items not queued yet count too, or batches accepted a moment apart would
             # each see the lane as it was before the other's fan-out.
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.llen(queue)
-                pipe.hvals(BATCHES_PENDING)
-                length, pending = await pipe.execute()
-            depth = int(length) + sum(int(n) for n in pending)
-        else:
-            depth = int(await self.client.llen(queue))
+            depth += sum(int(n) for n in await self.client.hvals(BATCHES_PENDING))
         self._known[queue] = (depth, read_at)

@@ -33,6 +33,7 @@ class Resources:
     allow: AllowList
     waiters: Waiters
     backlogs: Backlogs  # each lane's backlog, as last read (api.backlogs)
+    broker: aioredis.Redis  # the broker's Redis: `redis` itself unless configured apart
     ready_until: float = 0.0  # monotonic time until which "a worker is ready" is trusted
     ready_interactive: int = 0  # how many ready workers serve the interactive lane, as then
 

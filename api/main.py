@@ -82,16 +82,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Bounded: a burst of requests queues for a connection instead of opening one each.
         client = redis_conn.connect_async(settings, REDIS_CLIENT_NAME)
+        broker = client
+        if settings.separate_broker:
+            broker = redis_conn.connect_async(settings, REDIS_CLIENT_NAME, broker=True)
         ttl = settings.result_ttl_s
         app.state.resources = Resources(
             settings,
             client,
-            AsyncJobStore(client, ttl, settings.job_stale_s),
+            AsyncJobStore(
+                client, ttl, settings.job_stale_s, broker if broker is not client else None
+            ),
             AsyncBatchStore(client, ttl),
             make_celery(settings),
             AllowList(settings.webhook_allow),
             Waiters(client, settings.redis_timeout_s),
-            Backlogs(client),
+            Backlogs(client, broker),
+            broker,
         )
         await app.state.resources.waiters.start()
         try:
@@ -99,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.resources.waiters.aclose()
             await client.aclose()
+            if broker is not client:
+                await broker.aclose()
 
     app = FastAPI(
         title="guardfleet",

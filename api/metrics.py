@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from api.deps import Resources
 from api.readiness import ready_workers
+from guardfleet.batches import as_text
 from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, STATS, job_key
 
 REGISTRY = CollectorRegistry()
@@ -140,14 +141,14 @@ def _exposition() -> CollectorRegistry:
 async def render(res: Resources) -> bytes:
     """The Prometheus text, with the fleet read now."""
     lanes = [*GPU_QUEUES, QUEUE_WEBHOOKS]
-    async with res.redis.pipeline(transaction=False) as pipe:
+    async with res.broker.pipeline(transaction=False) as pipe:
         for lane in lanes:
             pipe.llen(lane)
         for lane in GPU_QUEUES:
             pipe.lindex(lane, -1)  # the oldest: producers push on the left
-        pipe.hgetall(STATS)
         found = await pipe.execute()
-    FLEET.totals = {k.decode(): float(v) for k, v in found.pop().items()}
+    stats = await res.redis.hgetall(STATS)
+    FLEET.totals = {as_text(k): float(v) for k, v in stats.items()}
     FLEET.depth = {lane: int(depth) for lane, depth in zip(lanes, found, strict=False)}
     FLEET.age = {
         lane: await _age(res, message)

@@ -51,6 +51,11 @@ class FanOut:
     the cursor (a second fan-out of the same batch, after a lease ran out) or a cancel arrived,
     the chunk is not written and the fan-out looks again. After a cancel the rest of the items
     are written as cancelled records (counted at once, no message), so every item has a result.
+
+    With a `broker` on another server the messages are pushed there right after the
+    transaction. If that push fails, the chunk's jobs are made stale at once in the open index,
+    so that the stale-job sweep publishes them as soon as the broker answers again, and the
+    error is raised (the lease brings the batch back for the items after the chunk).
     """
 
     def __init__(
@@ -61,8 +66,10 @@ class FanOut:
         chunk: int,
         lease_s: float,
         stale_s: float = STALE_S,
+        broker: redis.Redis | None = None,
     ) -> None:
         self.client = client
+        self.broker = broker  # the broker's Redis, where it is another server
         self.app = app
         self.ttl_s = ttl_s
         self.chunk = chunk
@@ -124,7 +131,7 @@ class FanOut:
                 chunk = items[cursor : cursor + self.chunk]
                 cancelled = cancel is not None
                 pipe.multi()
-                self._write(pipe, batch_id, chunk, cancelled, status)
+                messages = self._write(pipe, batch_id, chunk, cancelled, status)
                 pipe.hset(fanout, "cursor", cursor + len(chunk))
                 pipe.hset(BATCHES_PENDING, batch_id, len(items) - cursor - len(chunk))
                 pipe.zadd(BATCHES_DUE, {batch_id: time.time() + self.lease_s})  # renew lease
@@ -134,9 +141,20 @@ class FanOut:
                 if now is not None and int(now) != cursor:
                     return None  # another fan-out has it; it continues from there
                 return 0
+        if messages:
+            self._push(messages)
         if cancelled:
             self._settle(keys=[batch_state_key(batch_id)], args=["", "", utcnow().isoformat()])
         return len(chunk)
+
+    def _push(self, messages: dict[str, str]) -> None:
+        """Push the messages of jobs just created (id -> message) to a separate broker."""
+        assert self.broker is not None
+        try:
+            self.broker.lpush(QUEUE_BULK, *messages.values())
+        except redis.RedisError:
+            self.store.hold(messages.keys(), lease_s=0)  # stale now: the sweep publishes them
+            raise
 
     def _write(
         self,
@@ -145,8 +163,11 @@ class FanOut:
         chunk: Sequence[BatchItem],
         cancelled: bool,
         status: str,
-    ) -> None:
+    ) -> dict[str, str]:
+        """Queue the chunk's writes on `pipe`; returns the messages (by job id) that are still
+        to be pushed to a separate broker once the transaction has run."""
         now = utcnow()
+        messages: dict[str, str] = {}
         jobs = [
             Job(
                 request=item.classify_request(),
@@ -171,7 +192,10 @@ class FanOut:
             for job in jobs:
                 add_create(pipe, job, QUEUE_BULK, self.ttl_s, self.stale_s)
             renew_open_index(pipe, self.ttl_s)
-            pipe.lpush(QUEUE_BULK, *[task_message(self.app, job.id, QUEUE_BULK) for job in jobs])
+            messages = {job.id: task_message(self.app, job.id, QUEUE_BULK) for job in jobs}
+            if self.broker is None:
+                pipe.lpush(QUEUE_BULK, *messages.values())
+                messages = {}
             if status == BatchStatus.VALIDATING:
                 pipe.hset(
                     batch_state_key(batch_id),
@@ -182,6 +206,7 @@ class FanOut:
                 )
         pipe.rpush(batch_jobs_key(batch_id), *[job.id for job in jobs])
         pipe.expire(batch_jobs_key(batch_id), self.ttl_s)
+        return messages
 
     def _finish(self, batch_id: str) -> None:
         """Every item is written: cancel the queued ones of a cancelling batch, end it if

@@ -25,7 +25,7 @@ from guardfleet.settings import Settings
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("guardfleet", broker=settings.redis_url, set_as_current=False)
+    app = Celery("guardfleet", broker=settings.broker, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -1,10 +1,11 @@
-"""Redis clients from `GUARDFLEET_REDIS_URL`: a plain Redis, or one behind Redis Sentinel.
+"""Redis clients for the job store (`GUARDFLEET_REDIS_URL`) and the broker
+(`GUARDFLEET_BROKER_URL`, by default the same server): each a plain Redis, or one behind Redis
+Sentinel.
 
 With `sentinel://host:26379;sentinel://host2:26379/0` (kombu's form: one URL per sentinel, joined
-by `;`, the database on the last) and `GUARDFLEET_REDIS_SENTINEL_MASTER`, every client asks the
-sentinels for the current master and asks again after a failover, and Celery's broker does the
-same through kombu's sentinel transport. Store and broker stay one Redis, as everywhere else:
-the sentinels only say which server that is now.
+by `;`, the database on the last) and a master name, every client asks the sentinels for the
+current master and asks again after a failover, and Celery's broker does the same through
+kombu's sentinel transport.
 """
 
 from __future__ import annotations
@@ -40,18 +41,27 @@ def parse_sentinels(url: str) -> tuple[list[tuple[str, int]], int, str | None]:
     return addresses, db, password
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client of the job store (and broker) Redis, with the configured timeouts."""
+def _server(settings: Settings, broker: bool) -> tuple[str, str]:
+    """The URL and sentinel master name of the job store's Redis, or of the broker's."""
+    if broker:
+        return settings.broker, settings.broker_master
+    return settings.redis_url, settings.redis_sentinel_master
+
+
+def connect(settings: Settings, broker: bool = False) -> redis.Redis:
+    """A client of the job store's Redis (the broker's with `broker`), with the configured
+    timeouts."""
+    url, master_name = _server(settings, broker)
     options = _timeouts(settings)
-    if not is_sentinel(settings.redis_url):
-        return redis.Redis.from_url(settings.redis_url, **options)
-    addresses, db, password = parse_sentinels(settings.redis_url)
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    addresses, db, password = parse_sentinels(url)
     watchers = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         addresses, sentinel_kwargs=_timeouts(settings)
     )
-    assert settings.redis_sentinel_master  # the settings refuse a sentinel URL without it
+    assert master_name  # the settings refuse a sentinel URL without one
     master = watchers.master_for(  # type: ignore[no-untyped-call]
-        settings.redis_sentinel_master, db=db, password=password, **options
+        master_name, db=db, password=password, **options
     )
     return cast(redis.Redis, master)
 
@@ -61,9 +71,11 @@ class _BlockingSentinelPool(async_sentinel.SentinelConnectionPool, aioredis.Bloc
     request waits for a free connection instead of opening one more."""
 
 
-def connect_async(settings: Settings, client_name: str) -> aioredis.Redis:
-    """The API's client: a bounded pool of `GUARDFLEET_REDIS_MAX_CONNECTIONS` where a request
-    waits up to the Redis timeout for a free connection."""
+def connect_async(settings: Settings, client_name: str, broker: bool = False) -> aioredis.Redis:
+    """The API's client of the job store (the broker with `broker`): a bounded pool of
+    `GUARDFLEET_REDIS_MAX_CONNECTIONS` where a request waits up to the Redis timeout for a free
+    connection."""
+    url, master_name = _server(settings, broker)
     options: dict[str, Any] = {
         "max_connections": settings.redis_max_connections,
         "timeout": settings.redis_timeout_s,
@@ -71,16 +83,16 @@ def connect_async(settings: Settings, client_name: str) -> aioredis.Redis:
         "socket_connect_timeout": settings.redis_timeout_s,
         "client_name": client_name,  # tells the API's connections apart in CLIENT LIST
     }
-    if not is_sentinel(settings.redis_url):
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
+    if not is_sentinel(url):
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
         return aioredis.Redis.from_pool(pool)
-    addresses, db, password = parse_sentinels(settings.redis_url)
+    addresses, db, password = parse_sentinels(url)
     watchers = async_sentinel.Sentinel(  # type: ignore[no-untyped-call]
         addresses, sentinel_kwargs=_timeouts(settings)
     )
-    assert settings.redis_sentinel_master
+    assert master_name
     sentinel_pool = _BlockingSentinelPool(  # type: ignore[no-untyped-call]
-        settings.redis_sentinel_master,
+        master_name,
         watchers,
         db=db,
         password=password,
@@ -98,10 +110,10 @@ def _timeouts(settings: Settings) -> dict[str, Any]:
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
-    """What kombu's transport needs beyond the URL to find the master."""
-    if not is_sentinel(settings.redis_url):
+    """What kombu's transport needs beyond the broker URL to find the master."""
+    if not is_sentinel(settings.broker):
         return {}
     return {
-        "master_name": settings.redis_sentinel_master,
+        "master_name": settings.broker_master,
         "sentinel_kwargs": _timeouts(settings),
     }

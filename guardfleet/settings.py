@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     redis_sentinel_master: str = Field(
         "", description="with a sentinel:// Redis URL: the name the sentinels monitor"
     )
+    broker_url: str = Field(
+        "",
+        description="the Celery broker's Redis when it is not the job store's: the lanes' "
+        "message lists live there, everything else on GUARDFLEET_REDIS_URL; empty: the same",
+    )
+    broker_sentinel_master: str = Field(
+        "", description="with a sentinel:// broker URL: its master name (default: the store's)"
+    )
     redis_timeout_s: float = Field(2.0, gt=0, description="connect/read timeout for Redis calls")
     redis_max_connections: int = Field(
         100,
@@ -169,9 +177,11 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one delay, none negative")
         return v
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "broker_url")
     @classmethod
     def _redis_scheme(cls, v: str) -> str:
+        if not v:
+            return v  # an empty broker URL: the store's; an empty store URL fails below
         schemes = {urlparse(part.strip()).scheme for part in v.split(";")}
         if schemes == {"sentinel"}:
             return v
@@ -194,8 +204,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if not self.redis_url:
+            raise ValueError("redis_url must not be empty")
         if urlparse(self.redis_url).scheme == "sentinel" and not self.redis_sentinel_master:
             raise ValueError("a sentinel:// redis_url needs GUARDFLEET_REDIS_SENTINEL_MASTER")
+        if urlparse(self.broker).scheme == "sentinel" and not self.broker_master:
+            raise ValueError(
+                "a sentinel:// broker_url needs GUARDFLEET_BROKER_SENTINEL_MASTER (or "
+                "GUARDFLEET_REDIS_SENTINEL_MASTER)"
+            )
         if self.max_batch_items > self.max_queued_bulk:
             raise ValueError("max_batch_items must not exceed max_queued_bulk (no batch could fit)")
         if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
@@ -209,6 +226,21 @@ class Settings(BaseSettings):
         """The ids /v1/models lists and chat completions accept: the served name, then the
         hosted API's id as an alias."""
         return list(dict.fromkeys([self.served_model_name, HOSTED_MODEL_ID]))
+
+    @property
+    def broker(self) -> str:
+        """The broker's Redis URL: `broker_url`, or the job store's."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def broker_master(self) -> str:
+        return self.broker_sentinel_master or self.redis_sentinel_master
+
+    @property
+    def separate_broker(self) -> bool:
+        """Whether broker and job store are different Redis servers (then a submit is two
+        writes, see `guardfleet.store.AsyncJobStore.create`)."""
+        return self.broker != self.redis_url
 
     @property
     def redis_host_is_local(self) -> bool:

@@ -33,6 +33,7 @@ Open jobs are also in the `OPEN_JOBS` index with a staleness deadline; see
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
@@ -212,14 +213,15 @@ def renew_open_index(pipe: Any, ttl_s: int) -> None:
 
 
 # A job's creation, for the API: one script call rather than a MULTI/EXEC of five commands.
-# KEYS: job, open index, queue. ARGV: ttl, deadline in the open index, job id, task message,
-# the open index's new TTL ('' to leave it), then the record's field/value pairs.
+# KEYS: job, open index, and the queue when the broker is this Redis. ARGV: ttl, deadline in the
+# open index, job id, task message, the open index's new TTL ('' to leave it), then the record's
+# field/value pairs.
 _CREATE = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 if ARGV[5] ~= '' then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
-redis.call('LPUSH', KEYS[3], ARGV[4])
+if KEYS[3] then redis.call('LPUSH', KEYS[3], ARGV[4]) end
 """
 INDEX_RENEW_S = 60
 
@@ -314,8 +316,15 @@ class JobStore:
 
 
 class AsyncJobStore:
-    def __init__(self, client: aioredis.Redis, ttl_s: int, stale_s: float = STALE_S) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        ttl_s: int,
+        stale_s: float = STALE_S,
+        broker: aioredis.Redis | None = None,
+    ) -> None:
         self.client = client
+        self.broker = broker  # the broker's Redis, where it is another server
         self.ttl_s = ttl_s
         self.stale_s = stale_s
         self._end = client.register_script(_END)
@@ -342,9 +351,16 @@ class AsyncJobStore:
     async def create(
         self, job: Job, queue: str, message: str, watch: bool = False, waited: bool = False
     ) -> None:
-        """Store `job` and, in the same script, push its task `message` on `queue` (kombu's
-        list for the queue, which consumers BRPOP): never a record without its message. A
-        `waited` job announces its end on its channel (`job_channel`)."""
+        """Store `job` and push its task `message` on `queue` (kombu's list for the queue,
+        which consumers BRPOP): in the same script when the broker is this Redis, so there is
+        never a record without its message. A `waited` job announces its end on its channel
+        (`job_channel`).
+
+        With a separate broker it is two writes, the record first: a worker that takes the
+        message always finds the job. If the push fails the record is taken back and the error
+        raised (the caller answers 503; nothing runs). A process that dies between the two
+        leaves a queued record without a message, which the stale-job sweep publishes once its
+        deadline (`stale_s`) passes, as it does for a message the broker lost."""
         renew = ""
         if time.monotonic() - self._index_renewed >= INDEX_RENEW_S:
             # The jobs of the next minute may outlive the index by up to a minute if no worker
@@ -352,9 +368,24 @@ class AsyncJobStore:
             # sweeps the index anyway.
             renew, self._index_renewed = str(self.ttl_s), time.monotonic()
         fields = [v for pair in record_fields(job, queue, watch, waited).items() for v in pair]
-        keys = [job_key(job.id), OPEN_JOBS, queue]
+        keys = [job_key(job.id), OPEN_JOBS]
+        if self.broker is None:
+            keys.append(queue)
         deadline = time.time() + self.stale_s
         await self._create(keys=keys, args=[self.ttl_s, deadline, job.id, message, renew, *fields])
+        if self.broker is None:
+            return
+        try:
+            await self.broker.lpush(queue, message)
+        except redis.RedisError:
+            # Not accepted, so it must not run later: if the push landed after all (its reply
+            # lost), the message finds no job and is dropped.
+            with contextlib.suppress(redis.RedisError):
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.delete(job_key(job.id))
+                    pipe.zrem(OPEN_JOBS, job.id)
+                    await pipe.execute()
+            raise
 
     async def save(self, job: Job) -> None:
         """A change made by the API (a cancel): no attempt is required, since the API never runs

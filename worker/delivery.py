@@ -26,6 +26,7 @@ import threading
 import uuid
 from typing import Any
 
+import kombu.exceptions
 import redis
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
@@ -108,7 +109,9 @@ def _requeue_due() -> None:
         try:
             for resource_id in outbox.take_due(_settings.webhook_lease_s):
                 app.send_task(TASK_DELIVER, args=[resource_id], queue=QUEUE_WEBHOOKS)
-        except redis.RedisError as exc:
+        except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+            # The leases bring back what was taken; a broker error (kombu's, not Redis's) must
+            # not end this loop either, or no retry would be queued again.
             log.warning("could not re-queue due webhooks: %s", exc)
 
 
@@ -121,6 +124,7 @@ def _fan_out_due() -> None:
         _settings.batch_fanout_chunk,
         _settings.batch_fanout_lease_s,
         _settings.job_stale_s,
+        redis_conn.connect(_settings, broker=True) if _settings.separate_broker else None,
     )
     while not _stop.wait(POLL_S):
         try:

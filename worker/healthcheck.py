@@ -54,6 +54,11 @@ def main() -> None:
         found = own_heartbeat(client, host, args.name, settings.heartbeat_ttl_s)
     except redis.RedisError as exc:
         sys.exit(f"unhealthy: Redis at {settings.redis_url} did not answer: {exc}")
+    if settings.separate_broker:
+        try:
+            redis_conn.connect(settings, broker=True).ping()
+        except redis.RedisError as exc:
+            sys.exit(f"unhealthy: the broker's Redis at {settings.broker} did not answer: {exc}")
     if found is None:
         sys.exit(f"unhealthy: no fresh heartbeat with a loaded model from host {host}")
     print(f"healthy: {found}")

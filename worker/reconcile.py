@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 
@@ -72,14 +73,22 @@ class Reconciler:
         # index outlives every job in it.
         self.client.expire(OPEN_JOBS, self.ttl_s)
         published = 0
-        for job_id in self._open.take_due(self.stale_s, self.limit):
+        due = self._open.take_due(self.stale_s, self.limit)
+        for i, job_id in enumerate(due):
             bumped = self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK])
             if not bumped:
                 continue
             gen, queue = int(bumped[0]), bumped[1]
             queue = queue.decode() if isinstance(queue, bytes) else str(queue)
             log.warning("job %s is stale; publishing it again (message %d)", job_id, gen)
-            self.send_task(TASK_RUN_JOB, args=[job_id, gen], queue=queue)
+            try:
+                self.send_task(TASK_RUN_JOB, args=[job_id, gen], queue=queue)
+            except Exception:
+                # A broker on another server is away while the store answers: what this sweep
+                # took is due again now, not at the end of its lease (`stale_s`, hours), so the
+                # first sweep after the broker is back publishes it.
+                self.client.zadd(OPEN_JOBS, dict.fromkeys(due[i:], time.time()), xx=True)
+                raise
             published += 1
         return published
 

@@ -64,6 +64,11 @@ async def ready(res: ResourcesDep) -> JSONResponse:
         workers = await ready_workers(res)
     except redis.exceptions.RedisError as exc:
         return _health(503, "not_ready", f"Redis is unavailable: {exc}")
+    if res.broker is not res.redis:
+        try:
+            await res.broker.ping()
+        except redis.exceptions.RedisError as exc:
+            return _health(503, "not_ready", f"the broker's Redis is unavailable: {exc}")
     if not workers:
         return _health(503, "not_ready", "no worker has a loaded model yet")
     summary = [
