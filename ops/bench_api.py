@@ -1,5 +1,6 @@
 """The producer and the store under load: accepted jobs/s, Redis commands per job (async and
-sync), waiters, and batches (time to accept, fan-out rate, cancel).
+sync), waiters, batches (time to accept, fan-out rate, cancel), and the broker on its own Redis
+against one Redis for both.
 
 Runs Redis, one API process (uvicorn, one event loop) and, for the per-job command counts, one
 CPU worker on the demo model, all as subprocesses on loopback; the load comes from this process
@@ -67,12 +68,15 @@ class Conn:
 class Stack:
     """Redis, the API and (on demand) a worker, stopped in reverse order."""
 
-    def __init__(self, redis_max_connections: int) -> None:
+    def __init__(self, redis_max_connections: int, broker_apart: bool = False) -> None:
         self.redis_port, self.api_port = free_port(), free_port()
         self.url = f"redis://127.0.0.1:{self.redis_port}/0"
+        # With `broker_apart`, a second Redis for the broker (GUARDFLEET_BROKER_URL).
+        self.broker_port = free_port() if broker_apart else self.redis_port
         self.env = {
             **os.environ,
             "GUARDFLEET_REDIS_URL": self.url,
+            "GUARDFLEET_BROKER_URL": f"redis://127.0.0.1:{self.broker_port}/0",
             "GUARDFLEET_DEVICE": "cpu",
             "GUARDFLEET_REDIS_MAX_CONNECTIONS": str(redis_max_connections),
             "GUARDFLEET_MAX_QUEUED_BULK": "1000000",
@@ -88,10 +92,11 @@ class Stack:
         return proc
 
     def __enter__(self) -> Stack:
-        self.spawn(
-            ["redis-server", "--port", str(self.redis_port), "--save", "", "--maxclients", "20000"]
-        )
+        for port in sorted({self.redis_port, self.broker_port}):
+            self.spawn(["redis-server", "--port", str(port), "--save", "", "--maxclients", "20000"])
         self.redis = redis.Redis.from_url(self.url, decode_responses=True)
+        self.broker = redis.Redis(port=self.broker_port, decode_responses=True)
+        wait_for(self.broker.ping, 30)
         self.start_api()
         return self
 
@@ -338,7 +343,7 @@ def run(args: argparse.Namespace) -> list[str]:
         worker = stack.start_worker()
         ran_from, mix = commands(stack.redis), by_command(stack.redis)
         t0 = time.monotonic()
-        wait_for(lambda: _succeeded(stack) >= len(ids), 900)
+        _until_succeeded(stack, len(ids))
         ran_s = time.monotonic() - t0
         ran_to = commands(stack.redis)
         mix = by_command(stack.redis) - mix
@@ -433,6 +438,64 @@ def run(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def broker_apart(args: argparse.Namespace, rounds: int = 2) -> list[str]:
+    """One Redis against the broker on a second one, alternately on fresh stacks: accepted
+    jobs/s, and what an async job (submit, run, one poll) costs each server."""
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    cost: dict[bool, list[list[float]]] = {}
+    for _ in range(rounds):
+        for apart in (False, True):
+            with Stack(args.pool, broker_apart=apart) as stack:
+                servers = [stack.redis, stack.broker] if apart else [stack.redis]
+                before = [commands(r) for r in servers]
+                ids, _, statuses = asyncio.run(submit(stack.api_port, args.apart_jobs, 16))
+                if statuses != Counter({202: args.apart_jobs}):
+                    raise RuntimeError(f"submissions answered {dict(statuses)}")
+                worker = stack.start_worker()
+                _until_succeeded(stack, len(ids))
+                worker.terminate()
+                worker.wait(timeout=60)
+                asyncio.run(poll_each(stack.api_port, ids))
+                # Idle chatter (heartbeats, sweeps) is not taken out here: both sides have it.
+                cost[apart] = [
+                    per_job(b, commands(r), len(ids)) for b, r in zip(before, servers, strict=True)
+                ]
+                _, seconds, statuses = asyncio.run(
+                    submit(stack.api_port, args.apart_accept, args.clients)
+                )
+                if statuses != Counter({202: args.apart_accept}):
+                    raise RuntimeError(f"submissions answered {dict(statuses)}")
+                rates[apart].append(args.apart_accept / seconds)
+    one, split = cost[False][0], cost[True]
+
+    def cell(values: list[float]) -> str:
+        return ", ".join(f"{v:,.0f}" for v in values)
+
+    ratio = sum(rates[True]) / sum(rates[False])
+    return [
+        "### Broker on its own Redis (`GUARDFLEET_BROKER_URL`), against one Redis for both",
+        "",
+        f"Fresh stacks, one Redis and two alternately, {rounds} rounds: {args.apart_jobs} jobs "
+        f"submitted, run by one CPU worker and polled once (commands per job, idle chatter "
+        f"included), then {args.apart_accept} more accepted with no worker running.",
+        "",
+        "| measure | one Redis | store + broker |",
+        "|---|---:|---:|",
+        f"| jobs/s one API process accepts (each round) | {cell(rates[False])} | "
+        f"{cell(rates[True])} |",
+        f"| Redis commands per async job | {one[0]:.1f} | {split[0][0]:.1f} + {split[1][0]:.1f} |",
+        f"| Redis CPU ms per async job | {one[3]:.3f} | {split[0][3]:.3f} + {split[1][3]:.3f} |",
+        "",
+        f"Accepted jobs/s with the broker apart: **{ratio:.2f}x** one Redis's (two writes a "
+        "submit instead of one script).",
+        "",
+    ]
+
+
+def _until_succeeded(stack: Stack, jobs: int) -> None:
+    wait_for(lambda: _succeeded(stack) >= jobs, 900)
+
+
 def _succeeded(stack: Stack) -> int:
     """Jobs ended `succeeded` so far: one command, where reading each job would add dozens of
     commands per job to the very counts being measured."""
@@ -453,6 +516,12 @@ def main() -> None:
     parser.add_argument(
         "--waiter-pool", type=int, default=16, help="the same, for the long-poll measurement"
     )
+    parser.add_argument(
+        "--apart-jobs", type=int, default=200, help="jobs run per stack, broker apart or not"
+    )
+    parser.add_argument(
+        "--apart-accept", type=int, default=5000, help="jobs accepted per stack, the same"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     header = [
@@ -462,7 +531,7 @@ def main() -> None:
         f"- command: `{reproduce(sys.argv[1:]).replace('ops/bench.py', 'ops/bench_api.py')}`",
         "",
     ]
-    text = "\n".join([*header, *run(args)])
+    text = "\n".join([*header, *run(args), *broker_apart(args)])
     print(text)
     write_results(args.out, "api", text)
 
