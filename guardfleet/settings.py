@@ -240,7 +240,11 @@ class Settings(BaseSettings):
     def separate_broker(self) -> bool:
         """Whether broker and job store are different Redis servers (then a submit is two
         writes, see `guardfleet.store.AsyncJobStore.create`)."""
-        return self.broker != self.redis_url
+        if self.broker != self.redis_url:
+            return True
+        # One set of sentinels may watch both: then the master names tell them apart.
+        sentinels = urlparse(self.broker).scheme == "sentinel"
+        return sentinels and self.broker_master != self.redis_sentinel_master
 
     @property
     def redis_host_is_local(self) -> bool:

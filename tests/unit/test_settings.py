@@ -47,6 +47,9 @@ def test_operator_facing_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ("GUARDFLEET_HEARTBEAT_INTERVAL_S", "30", "shorter than heartbeat_ttl_s"),
         ("GUARDFLEET_DTYPE", "int8", "bfloat16"),
         ("GUARDFLEET_MAX_QUEUED_BULK", "10", "no batch could fit"),
+        ("GUARDFLEET_BROKER_URL", "amqp://localhost", "redis://"),
+        ("GUARDFLEET_BROKER_URL", "sentinel://a:1", "GUARDFLEET_BROKER_SENTINEL_MASTER"),
+        ("GUARDFLEET_REDIS_URL", "", "must not be empty"),
     ],
 )
 def test_bad_values_are_refused_at_start(
@@ -79,3 +82,22 @@ def test_a_sentinel_url_names_every_sentinel_and_needs_a_master_name() -> None:
         Settings(redis_url=url)
     with pytest.raises(ValidationError, match="sentinel://host:port"):
         Settings(redis_url="sentinel://a:1;redis://b:2/0", redis_sentinel_master="m")
+
+
+def test_the_broker_is_the_store_unless_configured_apart() -> None:
+    one = Settings(redis_url="redis://store:6379/0")
+    assert (one.broker, one.separate_broker) == ("redis://store:6379/0", False)
+    assert (
+        Settings(redis_url="redis://store/0", broker_url="redis://store/0").separate_broker is False
+    )
+    apart = Settings(redis_url="redis://store:6379/0", broker_url="redis://broker:6379/0")
+    assert (apart.broker, apart.separate_broker) == ("redis://broker:6379/0", True)
+    assert Settings(redis_url="redis://store/0", broker_url="redis://store/1").separate_broker
+    # One set of sentinels watching two masters: the names tell store and broker apart.
+    url = "sentinel://10.0.0.1:26379/0"
+    both = Settings(redis_url=url, redis_sentinel_master="store", broker_url=url)
+    assert (both.separate_broker, broker_options(both)["master_name"]) == (False, "store")
+    two = Settings(
+        redis_url=url, redis_sentinel_master="store", broker_url=url, broker_sentinel_master="mq"
+    )
+    assert (two.separate_broker, broker_options(two)["master_name"]) == (True, "mq")
