@@ -41,8 +41,8 @@ def bind_host() -> str:
     return os.environ.get("GUARDFLEET_BIND_HOST", "").strip() or LOOPBACK
 
 
-def service_commands(python: str, redis_url: str, host: str) -> dict[str, list[str]]:
-    """The argv of every process `make up` starts besides Redis."""
+def service_commands(python: str, broker_url: str, host: str) -> dict[str, list[str]]:
+    """The argv of every process `make up` starts besides Redis (Flower watches the broker)."""
     return {
         "worker": [python, "-m", "worker"],
         "delivery": [python, "-m", "worker.delivery"],
@@ -52,7 +52,7 @@ def service_commands(python: str, redis_url: str, host: str) -> dict[str, list[s
             "-m",
             "celery",
             "-b",
-            redis_url,
+            broker_url,
             "flower",
             f"--address={host}",
             f"--port={FLOWER_PORT}",
@@ -169,6 +169,9 @@ def main() -> None:
             time.sleep(0.1)
     else:
         sys.exit(f"no Redis answers at {settings.redis_url}")
+    if settings.separate_broker and not redis_answers(settings.broker):
+        # Only the store's Redis is started here: a broker set apart is the operator's.
+        sys.exit(f"no Redis answers at GUARDFLEET_BROKER_URL ({settings.broker})")
 
     webhook_note = local_webhook_defaults()
     host = bind_host()
@@ -177,7 +180,7 @@ def main() -> None:
         say(warning)
     model = "the bundled demo model" if settings.model == "demo" else settings.model
     say(f"loading {model} on device {settings.device}")
-    for name, argv in service_commands(sys.executable, settings.redis_url, host).items():
+    for name, argv in service_commands(sys.executable, settings.broker, host).items():
         spawn(name, argv)
 
     # A wildcard bind is reached through loopback from here.
