@@ -30,8 +30,8 @@ from prometheus_client.registry import Collector
 
 from api.deps import Resources
 from api.readiness import ready_workers
-from guardfleet.batches import as_text
 from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, STATS, job_key
+from guardfleet.replies import as_text
 
 REGISTRY = CollectorRegistry()
 HTTP_REQUESTS = Counter(

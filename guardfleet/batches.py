@@ -32,6 +32,7 @@ from guardfleet.keys import (
     batch_upload_key,
     job_key,
 )
+from guardfleet.replies import as_text
 from guardfleet.schemas import (
     Batch,
     BatchStatus,
@@ -126,14 +127,6 @@ def get_batch(client: redis.Redis, batch_id: str) -> Batch | None:
         if raw is None
         else _merge(Batch.model_validate_json(raw), client.hgetall(batch_state_key(batch_id)))
     )
-
-
-def as_text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def as_bytes(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
 
 
 STAMPS = ("in_progress_at", "completed_at", "failed_at", "cancelling_at", "cancelled_at")

@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 
 from guardfleet.batch_file import parse_items
-from guardfleet.batches import SETTLE, as_bytes, as_text, record_progress_many
+from guardfleet.batches import SETTLE, record_progress_many
 from guardfleet.errors import InvalidBatch
 from guardfleet.keys import (
     BATCHES_DUE,
@@ -31,6 +31,7 @@ from guardfleet.keys import (
     job_key,
 )
 from guardfleet.queueing import task_message
+from guardfleet.replies import as_bytes, as_text
 from guardfleet.schemas import BatchErrors, BatchItem, BatchStatus, Job, JobStatus, utcnow
 from guardfleet.store import (
     JOB_FIELDS,

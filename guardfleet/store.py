@@ -45,6 +45,7 @@ from redis.typing import EncodableT, FieldT
 
 from guardfleet import streams
 from guardfleet.keys import JOB_NOTICES, OPEN_JOBS, STATS, job_channel, job_key, job_stream
+from guardfleet.replies import optional_text
 from guardfleet.schemas import Job, JobStatus
 
 # Shared by the scripts below: a watched job's status changes also go to its stream.
@@ -162,7 +163,7 @@ JOB_FIELDS = ("doc", "status", "attempt", "run")
 def load_job(raw: Sequence[Any]) -> Job | None:
     """The job from its `JOB_FIELDS` (None if it does not exist): the document, with a running
     job's run laid over it."""
-    doc, status, attempt, run = (_text(v) for v in raw)
+    doc, status, attempt, run = (optional_text(v) for v in raw)
     if doc is None:
         return None
     job = Job.model_validate_json(doc)
@@ -171,10 +172,6 @@ def load_job(raw: Sequence[Any]) -> Job | None:
         update = {"status": JobStatus.RUNNING, "attempts": int(attempt or 0), "worker": worker}
         job = job.model_copy(update={**update, "started_at": datetime.fromisoformat(started)})
     return job
-
-
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
 
 
 def record_fields(
@@ -257,7 +254,7 @@ class JobStore:
     def poll(self, job_id: str) -> tuple[str | None, bool]:
         """The status, and whether anyone streams the job: cheap enough to read while it runs."""
         status, watch = self.client.hmget(job_key(job_id), ["status", "watch"])
-        return _text(status), status is not None and watch is not None
+        return optional_text(status), status is not None and watch is not None
 
     def create(self, job: Job, queue: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:

@@ -26,6 +26,8 @@ from typing import Any
 
 from redis.typing import EncodableT, FieldT
 
+from guardfleet.replies import as_text
+
 MAX_ENTRIES = 10_000  # above any one attempt's token count (GUARDFLEET_MAX_CHAT_TOKENS <= 2048)
 TTL_S = 600  # after the last entry; the finished job record outlives it
 
@@ -45,10 +47,6 @@ def text_fields(
     }
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
 @dataclass(frozen=True)
 class Entry:
     id: str
@@ -61,9 +59,9 @@ class Entry:
 
     @classmethod
     def parse(cls, entry_id: bytes | str, fields: dict[Any, Any]) -> Entry:
-        f = {_text(k): _text(v) for k, v in fields.items()}
+        f = {as_text(k): as_text(v) for k, v in fields.items()}
         return cls(
-            id=_text(entry_id),
+            id=as_text(entry_id),
             kind=f.get("kind", ""),
             attempt=int(f.get("attempt", 0)),
             status=f.get("status"),

@@ -15,10 +15,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from guardfleet.batches import as_text
 from guardfleet.fanout import FanOut
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, batch_jobs_key
 from guardfleet.queueing import make_celery
+from guardfleet.replies import as_text
 from guardfleet.settings import Settings
 from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, wait_until
 from tests.faults.conftest import WEBHOOK_ENV, CountingReceiver, KillableRedis
