@@ -142,6 +142,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    if settings.separate_broker and not redis_answers(settings.broker):
+        # Only the store's Redis is started here: a broker set apart is the operator's.
+        sys.exit(f"no Redis answers at GUARDFLEET_BROKER_URL ({settings.broker})")
     if redis_answers(settings.redis_url):
         say(f"using the Redis already running at {settings.redis_url}")
     elif settings.redis_host_is_local:
@@ -169,9 +172,6 @@ def main() -> None:
             time.sleep(0.1)
     else:
         sys.exit(f"no Redis answers at {settings.redis_url}")
-    if settings.separate_broker and not redis_answers(settings.broker):
-        # Only the store's Redis is started here: a broker set apart is the operator's.
-        sys.exit(f"no Redis answers at GUARDFLEET_BROKER_URL ({settings.broker})")
 
     webhook_note = local_webhook_defaults()
     host = bind_host()
