@@ -139,7 +139,12 @@ def test_a_webhook_due_while_the_broker_is_down_is_sent_once_it_is_back(
     job = http.post("/v1/jobs", json=body).json()
     assert http.get(f"/v1/jobs/{job['id']}", params={"wait": 60}).json()["status"] == "succeeded"
     killable_redis.kill()  # the webhook is due in 2 s, with no broker to queue it on
-    time.sleep(5)
+
+    def tried() -> bool:  # taken from the outbox, and the broker refused it
+        log = delivery.log.read_text()
+        return "could not re-queue due webhooks" in log or "Exception in thread" in log
+
+    wait_until(tried, 30, "the delivery worker to try queueing the due webhook")
     assert counting_receiver.ids == {}
     killable_redis.start()
     wait_until(
