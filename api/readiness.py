@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from api.deps import Resources
 from api.errors import APIError
 from guardfleet.keys import QUEUE_INTERACTIVE, WORKER_REGISTRY, worker_key
+from guardfleet.queueing import broker_id_async
 from guardfleet.schemas import WorkerHeartbeat
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,17 @@ READY_CACHE_S = 1.0
 
 
 async def ready_workers(res: Resources) -> list[WorkerHeartbeat]:
+    """Workers with a loaded model that consume this API's broker."""
+    return (await fleet(res))[0]
+
+
+async def fleet(res: Resources) -> tuple[list[WorkerHeartbeat], list[WorkerHeartbeat]]:
+    """Workers with a loaded model: those on this API's broker, and those on another (given
+    another GUARDFLEET_BROKER_URL, they never see this API's jobs, so they are not counted)."""
     names = await res.redis.zrange(WORKER_REGISTRY, 0, -1)
     if not names:
-        return []
+        return [], []
+    ours = await broker_id_async(res.broker, res.settings.result_ttl_s)
     keys = [worker_key(n.decode() if isinstance(n, bytes) else str(n)) for n in names]
     workers = []
     for key, raw in zip(keys, await res.redis.mget(keys), strict=True):
@@ -43,7 +52,17 @@ async def ready_workers(res: Resources) -> list[WorkerHeartbeat]:
             continue
         if beat.loaded:
             workers.append(beat)
-    return sorted(workers, key=lambda w: w.name)
+    workers.sort(key=lambda w: w.name)
+    # A heartbeat without a broker id comes from a worker of an older version: counted.
+    elsewhere = [w for w in workers if w.broker not in ("", ours)]
+    for w in elsewhere:
+        if w.name not in _WARNED:
+            _WARNED.add(w.name)
+            log.warning("worker %s consumes another broker than this API's: not counted", w.name)
+    return [w for w in workers if w.broker in ("", ours)], elsewhere
+
+
+_WARNED: set[str] = set()  # workers on another broker already logged by this process
 
 
 async def require_ready_worker(res: Resources) -> None:

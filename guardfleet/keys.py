@@ -28,6 +28,13 @@ WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
 STATS = f"{PREFIX}:stats"
 
 
+# On the broker: a random id the broker keeps for itself (renewed by whoever reads it). Each
+# worker's heartbeat carries the id of the broker it consumes, and the API counts as ready only
+# workers on its own broker: a worker given another GUARDFLEET_BROKER_URL would never see the
+# API's jobs.
+BROKER_ID = f"{PREFIX}:broker:id"
+
+
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 

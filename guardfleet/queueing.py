@@ -10,10 +10,13 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from guardfleet.keys import (
+    BROKER_ID,
     GPU_QUEUES,
     QUEUE_BULK,
     QUEUE_INTERACTIVE,
@@ -69,6 +72,25 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=settings.task_events,  # Flower's live task view
     )
     return app
+
+
+# KEYS: the broker's id. ARGV: an id to take if it has none, its TTL. The id, renewed.
+_BROKER_ID = """
+local id = redis.call('GET', KEYS[1]) or ARGV[1]
+redis.call('SET', KEYS[1], id, 'EX', ARGV[2])
+return id
+"""
+
+
+def broker_id(broker: redis.Redis, ttl_s: int) -> str:
+    """The id the broker keeps for itself (`keys.BROKER_ID`), made if it has none."""
+    found = broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s)
+    return found.decode() if isinstance(found, bytes) else str(found)
+
+
+async def broker_id_async(broker: aioredis.Redis, ttl_s: int) -> str:
+    found = await broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s)
+    return found.decode() if isinstance(found, bytes) else str(found)
 
 
 def queue_for(interactive: bool) -> str:

@@ -307,6 +307,7 @@ class WorkerHeartbeat(BaseModel):
     started_at: datetime
     last_seen: datetime
     jobs_done: int = 0
+    broker: str = ""  # the id of the broker it consumes (`keys.BROKER_ID`); "" from old workers
 
 
 class BatchItem(ClassifyRequest):

@@ -39,6 +39,7 @@ class Heartbeat:
         problem: Callable[[], str | None] = lambda: None,
         on_problem: Callable[[str], None] = lambda reason: None,
         on_beat: Callable[[], None] = lambda: None,
+        broker_id: Callable[[], str] = lambda: "",
     ) -> None:
         self.client = client
         self.key = worker_key(name)
@@ -48,6 +49,9 @@ class Heartbeat:
         self.problem = problem
         self.on_problem = on_problem
         self.on_beat = on_beat  # more that a live worker renews with each beat (its jobs' leases)
+        # Read again with each beat: a beat that cannot reach the broker is not written, and
+        # a broker that lost its id (flushed) has the new one in the next beat.
+        self.broker_id = broker_id
         self.record = WorkerHeartbeat(
             name=name,
             host=socket.gethostname(),
@@ -69,6 +73,7 @@ class Heartbeat:
     def beat(self) -> None:
         self.record.last_seen = utcnow()
         self.record.jobs_done = self.jobs_done()
+        self.record.broker = self.broker_id()
         expires = self.record.last_seen.timestamp() + self.ttl_s
         with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self.key, self.record.model_dump_json(), ex=self.ttl_s)

@@ -24,6 +24,7 @@ import torch
 from guardfleet import batches, logs, redis_conn, webhooks
 from guardfleet.errors import GuardfleetError
 from guardfleet.keys import QUEUE_BULK
+from guardfleet.queueing import broker_id
 from guardfleet.schemas import Batch, BatchStatus, Job, JobError, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore, TransitionRefused
@@ -64,6 +65,9 @@ class WorkerService:
             fault=settings.inject_fault,
         )
         self.redis = redis_conn.connect(settings)
+        self.broker = (
+            redis_conn.connect(settings, broker=True) if settings.separate_broker else self.redis
+        )
         # A running job's lease is twice the heartbeat's TTL: renewed with every beat, it lapses
         # soon after its worker dies, and the reconciler of any worker alive runs it again.
         self.store = JobStore(
@@ -107,6 +111,7 @@ class WorkerService:
             problem=self.runner.problem,
             on_problem=self._leave,
             on_beat=lambda: self.store.hold(self._held_now()),
+            broker_id=lambda: broker_id(self.broker, self.settings.result_ttl_s),
         )
         self.heartbeat.start()
         self.reconciler.start()

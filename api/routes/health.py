@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from api import metrics
 from api.deps import ResourcesDep, require_api_key
 from api.errors import responses
-from api.readiness import ready_workers
+from api.readiness import fleet
 
 router = APIRouter(tags=["health"])
 API_VERSION = "1.0.0"
@@ -60,15 +60,19 @@ async def live() -> JSONResponse:
     },
 )
 async def ready(res: ResourcesDep) -> JSONResponse:
-    try:
-        workers = await ready_workers(res)
-    except redis.exceptions.RedisError as exc:
-        return _health(503, "not_ready", f"Redis is unavailable: {exc}")
     if res.broker is not res.redis:
         try:
             await res.broker.ping()
         except redis.exceptions.RedisError as exc:
             return _health(503, "not_ready", f"the broker's Redis is unavailable: {exc}")
+    try:
+        workers, elsewhere = await fleet(res)
+    except redis.exceptions.RedisError as exc:
+        return _health(503, "not_ready", f"Redis is unavailable: {exc}")
+    if not workers and elsewhere:
+        names = ", ".join(w.name for w in elsewhere)
+        message = f"no worker consumes this API's broker (ready on another broker: {names})"
+        return _health(503, "not_ready", message)
     if not workers:
         return _health(503, "not_ready", "no worker has a loaded model yet")
     summary = [

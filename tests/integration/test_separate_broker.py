@@ -1,6 +1,7 @@
 """Broker and job store on two Redis servers (`GUARDFLEET_BROKER_URL`): every path a job takes
-still works, and each server holds only its own part: the lanes' messages on the broker, records
-and everything else on the store."""
+still works, and each server holds only its own part: the lanes' messages (and the broker's id)
+on the broker, records and everything else on the store; a worker on another broker is not
+counted ready."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE, STATS
+from guardfleet.keys import BROKER_ID, QUEUE_BULK, QUEUE_INTERACTIVE, STATS
 from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, wait_until
 
 STORE_DB = 50
@@ -66,7 +67,33 @@ def test_a_fleet_with_its_broker_apart_from_its_store(
 
     # Each server holds its own part and nothing of the other's.
     assert int(store.hget(STATS, "jobs_ended:succeeded") or 0) == 7
-    assert broker.keys("guardfleet:*") == []
-    assert not store.exists(QUEUE_BULK, QUEUE_INTERACTIVE)
+    assert broker.keys("guardfleet:*") == [BROKER_ID.encode()]  # its id, which workers report
+    assert not store.exists(QUEUE_BULK, QUEUE_INTERACTIVE, BROKER_ID)
     assert store.keys("_kombu*") == []
     assert broker.keys("_kombu.binding.*")
+
+
+def test_a_worker_on_another_broker_is_not_counted_ready(
+    redis_server: RedisServer,
+    private_redis: redis.Redis,
+    start_worker: StartWorker,
+    start_api: Callable[..., ApiServer],
+) -> None:
+    """Same store, different brokers: the worker's heartbeat is there, but it would never see
+    this API's jobs, so readiness says so and sync calls are refused at once instead of waiting
+    out their timeout."""
+    store_url = db_url(redis_server, STORE_DB)
+    redis.Redis.from_url(store_url).flushdb()
+    api = start_api(url=store_url, GUARDFLEET_BROKER_URL=_url(private_redis))
+    worker = start_worker("misrouted@test", url=store_url)  # its broker is the store's Redis
+    try:
+        http = httpx.Client(base_url=api.url, timeout=60)
+        ready = http.get("/v1/health/ready")
+        assert ready.status_code == 503
+        assert "another broker: misrouted@test" in ready.json()["message"]
+        refused = http.post("/v1/classify", json={"prompt": "How do I steal a car?"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "no_ready_worker"
+        assert worker.heartbeat() is not None  # it is alive, only elsewhere
+    finally:
+        worker.stop()
