@@ -24,6 +24,7 @@ from guardfleet.keys import (
     TASK_RUN_JOB,
 )
 from guardfleet.redis_conn import broker_options
+from guardfleet.replies import as_text
 from guardfleet.settings import Settings
 
 
@@ -84,13 +85,11 @@ return id
 
 def broker_id(broker: redis.Redis, ttl_s: int) -> str:
     """The id the broker keeps for itself (`keys.BROKER_ID`), made if it has none."""
-    found = broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s)
-    return found.decode() if isinstance(found, bytes) else str(found)
+    return as_text(broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s))
 
 
 async def broker_id_async(broker: aioredis.Redis, ttl_s: int) -> str:
-    found = await broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s)
-    return found.decode() if isinstance(found, bytes) else str(found)
+    return as_text(await broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s))
 
 
 def queue_for(interactive: bool) -> str:

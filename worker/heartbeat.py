@@ -49,8 +49,8 @@ class Heartbeat:
         self.problem = problem
         self.on_problem = on_problem
         self.on_beat = on_beat  # more that a live worker renews with each beat (its jobs' leases)
-        # Read again with each beat: a beat that cannot reach the broker is not written, and
-        # a broker that lost its id (flushed) has the new one in the next beat.
+        # Read again with each beat, so a broker that lost its id (flushed) has the new one in
+        # the next beat.
         self.broker_id = broker_id
         self.record = WorkerHeartbeat(
             name=name,
@@ -73,7 +73,7 @@ class Heartbeat:
     def beat(self) -> None:
         self.record.last_seen = utcnow()
         self.record.jobs_done = self.jobs_done()
-        self.record.broker = self.broker_id()
+        self.record.broker = self._broker()
         expires = self.record.last_seen.timestamp() + self.ttl_s
         with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self.key, self.record.model_dump_json(), ex=self.ttl_s)
@@ -82,6 +82,15 @@ class Heartbeat:
             pipe.expire(WORKER_REGISTRY, 24 * 3600)
             pipe.execute()
         self.on_beat()
+
+    def _broker(self) -> str:
+        """The broker's id; the last one known while the broker does not answer, so that a
+        broker outage never stops the beat, nor the leases it renews."""
+        try:
+            return self.broker_id()
+        except redis.RedisError as exc:
+            log.warning("could not read the broker's id (keeping the last): %s", exc)
+            return self.record.broker
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

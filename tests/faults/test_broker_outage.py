@@ -8,6 +8,7 @@ import base64
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, batch_jobs_key
 from guardfleet.queueing import make_celery
 from guardfleet.replies import as_text
 from guardfleet.settings import Settings
-from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, wait_until
+from tests.conftest import ApiServer, RedisServer, StartWorker, Worker, db_url, wait_until
 from tests.faults.conftest import WEBHOOK_ENV, CountingReceiver, KillableRedis
 from worker.reconcile import Reconciler
 
@@ -128,7 +129,7 @@ def test_a_webhook_due_while_the_broker_is_down_is_sent_once_it_is_back(
         "GUARDFLEET_REDIS_TIMEOUT_S": "1",
     }
     api = start_api(url=store_url, **env)
-    start_worker("outage@test", url=store_url, **env)
+    worker = start_worker("outage@test", url=store_url, **env)
     delivery = start_worker(
         "outage-delivery@test", wait=False, url=store_url, module="worker.delivery", **env
     )
@@ -146,9 +147,22 @@ def test_a_webhook_due_while_the_broker_is_down_is_sent_once_it_is_back(
 
     wait_until(tried, 30, "the delivery worker to try queueing the due webhook")
     assert counting_receiver.ids == {}
+    # The GPU worker goes on beating (and renewing its jobs' leases) past its heartbeat's TTL.
+    killed_at = time.time()
+    wait_until(
+        lambda: _last_seen(worker) > killed_at + HEARTBEAT_TTL_S, 20, "a beat with no broker"
+    )
     killable_redis.start()
     wait_until(
         lambda: counting_receiver.ids == {f"msg_{job['id']}": 1},
         60,
         "the webhook, once the broker is back",
     )
+
+
+HEARTBEAT_TTL_S = 4  # tests.conftest.service_env's
+
+
+def _last_seen(worker: Worker) -> float:
+    beat = worker.heartbeat()
+    return 0.0 if beat is None else datetime.fromisoformat(str(beat["last_seen"])).timestamp()
