@@ -231,6 +231,13 @@ return r
 """
 
 
+def set_deadlines(client: redis.Redis, job_ids: Collection[str], deadline: float) -> None:
+    """Move open jobs' deadlines in the open index. Only ids still in the index are touched: a
+    job that ended meanwhile stays out."""
+    if job_ids:
+        client.zadd(OPEN_JOBS, dict.fromkeys(job_ids, deadline), xx=True)
+
+
 class JobStore:
     def __init__(
         self,
@@ -288,11 +295,9 @@ class JobStore:
 
     def hold(self, job_ids: Collection[str], lease_s: float | None = None) -> None:
         """Set the open-index deadline of jobs this worker runs (or hands back) to `lease_s`
-        (the run lease unless given) from now. Only ids still in the index are touched: a job
-        that ended meanwhile stays out."""
-        if job_ids:
-            deadline = time.time() + (self.run_lease_s if lease_s is None else lease_s)
-            self.client.zadd(OPEN_JOBS, dict.fromkeys(job_ids, deadline), xx=True)
+        (the run lease unless given) from now."""
+        lease = self.run_lease_s if lease_s is None else lease_s
+        set_deadlines(self.client, job_ids, time.time() + lease)
 
     def save(self, job: Job) -> None:
         """End `job` (succeeded or failed) as the attempt it carries; raises TransitionRefused

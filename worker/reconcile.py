@@ -24,6 +24,7 @@ import time
 import redis
 
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
+from guardfleet.store import set_deadlines
 from guardfleet.webhooks import SendTask
 from worker.leases import DueSet
 
@@ -87,7 +88,7 @@ class Reconciler:
                 # A broker on another server is away while the store answers: what this sweep
                 # took is due again now, not at the end of its lease (`stale_s`, hours), so the
                 # first sweep after the broker is back publishes it.
-                self.client.zadd(OPEN_JOBS, dict.fromkeys(due[i:], time.time()), xx=True)
+                set_deadlines(self.client, due[i:], time.time())
                 raise
             published += 1
         return published
