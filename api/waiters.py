@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from guardfleet.keys import PREFIX
+from guardfleet.replies import as_text
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Waiters:
         SUBSCRIBE never went out are sent."""
         async with self._lock:
             await self._pubsub.subscribe(_ANCHOR)
-            known = {c.decode() if isinstance(c, bytes) else c for c in self._pubsub.channels}
+            known = {as_text(c) for c in self._pubsub.channels}
             strays = known - self._channels.keys() - {_ANCHOR}
             if strays:
                 await self._pubsub.unsubscribe(*strays)
@@ -153,7 +154,7 @@ class Waiters:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel = message["channel"]
-        entry = self._channels.get(channel.decode() if isinstance(channel, bytes) else channel)
+        entry = self._channels.get(as_text(channel))
         if entry is None:
             return
         if message["type"] == "subscribe":

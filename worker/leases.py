@@ -11,6 +11,8 @@ import time
 
 import redis
 
+from guardfleet.replies import as_text
+
 # Take up to ARGV[3] entries due by ARGV[1], leasing each until ARGV[2].
 _TAKE_DUE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
@@ -28,4 +30,4 @@ class DueSet:
         """The members due now (at most `limit`), each leased for `lease_s`."""
         now = time.time()
         due = self._take(keys=[self.key], args=[now, now + lease_s, limit])
-        return [m.decode() if isinstance(m, bytes) else str(m) for m in due]
+        return [as_text(m) for m in due]

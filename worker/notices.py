@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import redis
 
 from guardfleet.keys import JOB_NOTICES
+from guardfleet.replies import as_text
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Notices:
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
                         data = message["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                        self._wake(as_text(data))
             except redis.RedisError as exc:
                 log.warning("job notices: %s; subscribing again", exc)
                 self._stop.wait(_RETRY_S)

@@ -24,6 +24,7 @@ import time
 import redis
 
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
+from guardfleet.replies import as_text
 from guardfleet.store import set_deadlines
 from guardfleet.webhooks import SendTask
 from worker.leases import DueSet
@@ -80,7 +81,7 @@ class Reconciler:
             if not bumped:
                 continue
             gen, queue = int(bumped[0]), bumped[1]
-            queue = queue.decode() if isinstance(queue, bytes) else str(queue)
+            queue = as_text(queue)
             log.warning("job %s is stale; publishing it again (message %d)", job_id, gen)
             try:
                 self.send_task(TASK_RUN_JOB, args=[job_id, gen], queue=queue)
