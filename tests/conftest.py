@@ -297,6 +297,12 @@ def start_api(
         server.process.wait(timeout=10)
 
 
+def url_of(client: redis.Redis) -> str:
+    """The URL of database 0 on a client's server (`private_redis`'s, say), for the services."""
+    where = client.connection_pool.connection_kwargs
+    return f"redis://{where['host']}:{where['port']}/0"
+
+
 @pytest.fixture
 def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
     """A Redis of this test's own: for a test that breaks it, or counts every command it runs."""

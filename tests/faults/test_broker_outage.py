@@ -21,7 +21,7 @@ from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, batch_jobs_key
 from guardfleet.queueing import make_celery
 from guardfleet.replies import as_text
 from guardfleet.settings import Settings
-from tests.conftest import ApiServer, RedisServer, StartWorker, Worker, db_url, wait_until
+from tests.conftest import ApiServer, RedisServer, StartWorker, Worker, db_url, url_of, wait_until
 from tests.faults.conftest import WEBHOOK_ENV, CountingReceiver, KillableRedis
 from worker.reconcile import Reconciler
 
@@ -33,10 +33,9 @@ def apart(redis_server: RedisServer, private_redis: redis.Redis) -> Iterator[Set
     """Settings with the job store on the session's server and the broker on a private one."""
     store = redis.Redis.from_url(db_url(redis_server, STORE_DB))
     store.flushdb()
-    where = private_redis.connection_pool.connection_kwargs
     yield Settings(
         redis_url=db_url(redis_server, STORE_DB),
-        broker_url=f"redis://{where['host']}:{where['port']}/0",
+        broker_url=url_of(private_redis),
         redis_timeout_s=1,
     )
     store.flushdb()

@@ -18,7 +18,15 @@ from api.main import create_app
 from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE, WORKER_REGISTRY, worker_key
 from guardfleet.schemas import WorkerHeartbeat, utcnow
 from guardfleet.settings import Settings
-from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, free_port, wait_until
+from tests.conftest import (
+    ApiServer,
+    RedisServer,
+    StartWorker,
+    db_url,
+    free_port,
+    url_of,
+    wait_until,
+)
 
 DB = 14  # no worker consumes this database: only the heartbeats written here exist
 
@@ -123,8 +131,7 @@ def _read_only_replica(r: redis.Redis) -> object:
 
 @pytest.mark.parametrize("refuse", [_out_of_memory, _read_only_replica])
 def test_redis_refusing_writes_is_a_503(private_redis: redis.Redis, refuse: RefuseWrites) -> None:
-    port = private_redis.connection_pool.connection_kwargs["port"]
-    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0")
+    settings = Settings(redis_url=url_of(private_redis))
     with TestClient(create_app(settings)) as client:
         refuse(private_redis)
         response = client.post("/v1/jobs", json={"prompt": "hello"})

@@ -10,7 +10,7 @@ import httpx
 import redis
 
 from api.backlogs import DEPTH_CACHE_S
-from tests.conftest import ApiServer
+from tests.conftest import ApiServer, url_of
 
 CLIENTS = 64
 EACH = 5
@@ -33,8 +33,7 @@ async def _flood(url: str) -> list[int]:
 def test_concurrent_submissions_share_one_backlog_read(
     private_redis: redis.Redis, start_api: Callable[..., ApiServer]
 ) -> None:
-    port = private_redis.connection_pool.connection_kwargs["port"]
-    api = start_api(url=f"redis://127.0.0.1:{port}/0")
+    api = start_api(url=url_of(private_redis))
     private_redis.config_resetstat()
     began = time.monotonic()
     statuses = asyncio.run(_flood(api.url))

@@ -19,7 +19,7 @@ from guardfleet.keys import (
     batch_upload_key,
 )
 from guardfleet.settings import Settings
-from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+from tests.conftest import RedisServer, StartWorker, db_url, url_of, wait_until
 
 
 def _lines(count: int, prompt: str = "How do I fold a fitted sheet?") -> str:
@@ -64,8 +64,7 @@ def test_accepting_a_batch_costs_the_same_few_commands_at_any_size(
     """On a Redis of its own (the others' workers would add their commands to the count), and
     no delivery worker: a stored batch waits, `validating`, with nothing queued."""
     plain = private_redis
-    port = plain.connection_pool.connection_kwargs["port"]
-    url = f"redis://127.0.0.1:{port}/0"
+    url = url_of(plain)
     costs, answers = [], []
     with TestClient(create_app(Settings(redis_url=url))) as client:
         client.post("/v1/batches", content=_lines(1))  # first use: connections, scripts

@@ -8,7 +8,7 @@ import redis
 
 from guardfleet.keys import STATS
 from guardfleet.schemas import JobStatus
-from tests.conftest import StartWorker, queue_backlog, wait_until
+from tests.conftest import StartWorker, queue_backlog, url_of, wait_until
 
 JOBS = 40
 
@@ -19,8 +19,7 @@ def test_waiting_jobs_do_not_poll_their_status(
 ) -> None:
     """One row at a time and a task thread per job: most jobs wait seconds for their turn,
     which used to cost a status read per job every half second."""
-    port = private_redis.connection_pool.connection_kwargs["port"]
-    url = f"redis://127.0.0.1:{port}/0"
+    url = url_of(private_redis)
     start_worker(
         "notices@test",
         url=url,

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from guardfleet.keys import STATS, job_channel
-from tests.conftest import ApiServer, StartWorker, wait_until
+from tests.conftest import ApiServer, StartWorker, url_of, wait_until
 
 JOBS = 40
 # 18.1-18.3 in make bench-api; 32.5 before kombu's unacknowledged-message bookkeeping went and
@@ -31,8 +31,7 @@ def api(
 ) -> ApiServer:
     """A worker and an API on a Redis of the test's own, so that every command counted is
     theirs (or the test's)."""
-    where = private_redis.connection_pool.connection_kwargs
-    url = f"redis://{where['host']}:{where['port']}/0"
+    url = url_of(private_redis)
     start_worker(f"{request.node.name.removeprefix('test_')}@test", url=url)  # its own log
     return start_api(url=url)
 

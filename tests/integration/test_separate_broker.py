@@ -12,14 +12,9 @@ import httpx
 import redis
 
 from guardfleet.keys import BROKER_ID, QUEUE_BULK, QUEUE_INTERACTIVE, STATS
-from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, wait_until
+from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, url_of, wait_until
 
 STORE_DB = 50
-
-
-def _url(client: redis.Redis) -> str:
-    where = client.connection_pool.connection_kwargs
-    return f"redis://{where['host']}:{where['port']}/0"
 
 
 def test_a_fleet_with_its_broker_apart_from_its_store(
@@ -31,7 +26,7 @@ def test_a_fleet_with_its_broker_apart_from_its_store(
     store_url, broker = db_url(redis_server, STORE_DB), private_redis
     store = redis.Redis.from_url(store_url)
     store.flushdb()
-    env = {"GUARDFLEET_BROKER_URL": _url(broker)}
+    env = {"GUARDFLEET_BROKER_URL": url_of(broker)}
     api = start_api(url=store_url, **env)
     http = httpx.Client(base_url=api.url, timeout=60)
 
@@ -84,7 +79,7 @@ def test_a_worker_on_another_broker_is_not_counted_ready(
     out their timeout."""
     store_url = db_url(redis_server, STORE_DB)
     redis.Redis.from_url(store_url).flushdb()
-    api = start_api(url=store_url, GUARDFLEET_BROKER_URL=_url(private_redis))
+    api = start_api(url=store_url, GUARDFLEET_BROKER_URL=url_of(private_redis))
     worker = start_worker("misrouted@test", url=store_url)  # its broker is the store's Redis
     try:
         http = httpx.Client(base_url=api.url, timeout=60)
