@@ -193,6 +193,14 @@ async def submit(port: int, count: int, clients: int) -> tuple[list[str], float,
     return ids, time.perf_counter() - started, statuses
 
 
+def accept(port: int, count: int, clients: int) -> tuple[list[str], float]:
+    """`submit`, which must have had every job accepted (202); ids and seconds."""
+    ids, seconds, statuses = asyncio.run(submit(port, count, clients))
+    if statuses != Counter({202: count}):
+        raise RuntimeError(f"submissions answered {dict(statuses)}")
+    return ids, seconds
+
+
 async def classify_each(port: int, count: int, clients: int) -> tuple[float, Counter[int]]:
     """POST /v1/classify (sync) `count` times from `clients` connections; seconds, statuses."""
     statuses: Counter[int] = Counter()
@@ -336,9 +344,7 @@ def run(args: argparse.Namespace) -> list[str]:
     with Stack(args.pool) as stack:
         # A job's whole life, on jobs a worker runs: submit, run, one poll.
         before = commands(stack.redis)
-        ids, _, statuses = asyncio.run(submit(stack.api_port, args.run_jobs, args.clients))
-        if statuses != Counter({202: args.run_jobs}):
-            raise RuntimeError(f"submissions answered {dict(statuses)}")
+        ids, _ = accept(stack.api_port, args.run_jobs, args.clients)
         submitted = commands(stack.redis)
         worker = stack.start_worker()
         ran_from, mix = commands(stack.redis), by_command(stack.redis)
@@ -363,9 +369,7 @@ def run(args: argparse.Namespace) -> list[str]:
         worker.wait(timeout=60)
 
         # The producer alone: accepted jobs/s, then a long poll on each of those jobs.
-        waiting, seconds, statuses = asyncio.run(submit(stack.api_port, args.waiters, args.clients))
-        if statuses != Counter({202: args.waiters}):
-            raise RuntimeError(f"submissions answered {dict(statuses)}")
+        waiting, seconds = accept(stack.api_port, args.waiters, args.clients)
         # A fresh API process with a small pool: every waiter is answered on it, and what it
         # holds is what the waiters needed, not what the submitting burst opened.
         stack.start_api(args.waiter_pool)
@@ -449,9 +453,7 @@ def broker_apart(args: argparse.Namespace, rounds: int) -> list[str]:
             with Stack(args.pool, broker_apart=apart) as stack:
                 servers = [stack.redis, stack.broker] if apart else [stack.redis]
                 before = [commands(r) for r in servers]
-                ids, _, statuses = asyncio.run(submit(stack.api_port, args.apart_jobs, 16))
-                if statuses != Counter({202: args.apart_jobs}):
-                    raise RuntimeError(f"submissions answered {dict(statuses)}")
+                ids, _ = accept(stack.api_port, args.apart_jobs, 16)
                 worker = stack.start_worker()
                 _until_succeeded(stack, len(ids))
                 worker.terminate()
@@ -464,11 +466,7 @@ def broker_apart(args: argparse.Namespace, rounds: int) -> list[str]:
                         for b, r in zip(before, servers, strict=True)
                     ]
                 )
-                _, seconds, statuses = asyncio.run(
-                    submit(stack.api_port, args.apart_accept, args.clients)
-                )
-                if statuses != Counter({202: args.apart_accept}):
-                    raise RuntimeError(f"submissions answered {dict(statuses)}")
+                _, seconds = accept(stack.api_port, args.apart_accept, args.clients)
                 rates[apart].append(args.apart_accept / seconds)
 
     def cell(values: list[float]) -> str:
