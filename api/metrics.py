@@ -12,7 +12,6 @@ same from every API container: query them with `max`, not `sum`.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from prometheus_client.registry import Collector
 from api.deps import Resources
 from api.readiness import ready_workers
 from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, STATS, job_key
+from guardfleet.queueing import message_job_id
 from guardfleet.replies import as_text
 
 REGISTRY = CollectorRegistry()
@@ -163,8 +163,7 @@ async def _age(res: Resources, message: bytes | None) -> float:
     if message is None:
         return 0.0
     try:
-        body = json.loads(base64.b64decode(json.loads(message)["body"]))
-        doc = await res.redis.hget(job_key(str(body[0][0])), "doc")
+        doc = await res.redis.hget(job_key(message_job_id(message)), "doc")
         created = datetime.fromisoformat(json.loads(doc or b"{}")["created_at"])
     except (ValueError, KeyError, IndexError, TypeError):
         return 0.0

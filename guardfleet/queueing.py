@@ -151,6 +151,12 @@ def task_message(app: Celery, job_id: str, queue: str) -> str:
     )
 
 
+def message_job_id(message: bytes | str) -> str:
+    """The job id a `run_job` message on a queue's list carries (`task_message` read back)."""
+    body = json.loads(base64.b64decode(json.loads(message)["body"]))
+    return str(body[0][0])
+
+
 _ENVELOPES: dict[tuple[int, int], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
 
 

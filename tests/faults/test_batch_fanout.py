@@ -3,7 +3,6 @@ cursor, and every item ends up queued exactly once."""
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 from collections import Counter
@@ -22,6 +21,7 @@ from guardfleet.keys import (
     batch_upload_key,
     job_key,
 )
+from guardfleet.queueing import message_job_id
 from guardfleet.settings import Settings
 from tests.conftest import RedisServer, StartWorker, db_url, wait_until
 
@@ -73,8 +73,7 @@ def test_a_fan_out_stopped_midway_resumes_and_queues_each_item_once(
         for i in plain.lrange(batch_jobs_key(batch_id), 0, -1)
     ]
     assert len(job_ids) == len(set(job_ids)) == ITEMS
-    messages = [json.loads(m) for m in plain.lrange(QUEUE_BULK, 0, -1)]
-    queued = Counter(json.loads(base64.b64decode(m["body"]))[0][0] for m in messages)
+    queued = Counter(message_job_id(m) for m in plain.lrange(QUEUE_BULK, 0, -1))
     assert queued == Counter(job_ids), "each item's job must have exactly one message"
     with plain.pipeline(transaction=False) as pipe:
         for job_id in job_ids:

@@ -4,7 +4,6 @@ published as soon as it takes writes again, each once."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from guardfleet.fanout import FanOut
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, batch_jobs_key
-from guardfleet.queueing import make_celery
+from guardfleet.queueing import make_celery, message_job_id
 from guardfleet.replies import as_text
 from guardfleet.settings import Settings
 from tests.conftest import ApiServer, RedisServer, StartWorker, Worker, db_url, url_of, wait_until
@@ -49,8 +48,7 @@ def _refuse_writes(broker: redis.Redis, refuse: bool) -> None:
 
 
 def _queued_job_ids(broker: redis.Redis) -> list[str]:
-    messages = broker.lrange(QUEUE_BULK, 0, -1)
-    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in messages]
+    return [message_job_id(m) for m in broker.lrange(QUEUE_BULK, 0, -1)]
 
 
 def test_a_submit_the_broker_refuses_leaves_no_job(
