@@ -42,6 +42,9 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port, workdir = free_port(), tmp_path_factory.mktemp("cluster")
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
     argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf")]
+    # The cluster bus defaults to the port + 10000, past 65535 for much of the ephemeral range
+    # free_port draws from (the server then refuses to start): give it a port of its own.
+    argv += ["--cluster-port", str(free_port())]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port)
     wait_until(lambda: _answers(client), 10, "the cluster-mode redis-server")
