@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +93,17 @@ async def broker_id_async(broker: aioredis.Redis, ttl_s: int) -> str:
     return as_text(await broker.eval(_BROKER_ID, 1, BROKER_ID, uuid.uuid4().hex, ttl_s))
 
 
+# A header of ours on every `run_job` message: when it was sent (seconds since the epoch, the
+# sender's clock). Lists are first in, first out, so the oldest message still waiting on a lane
+# dates every message that left it: the stale-job sweep finds by it a job whose message a worker
+# took and died with (`worker.reconcile`).
+SENT_AT = "sent_at"
+
+
+def sent_header() -> dict[str, float]:
+    return {SENT_AT: time.time()}
+
+
 def queue_for(interactive: bool) -> str:
     return QUEUE_INTERACTIVE if interactive else QUEUE_BULK
 
@@ -112,7 +124,7 @@ def publish_jobs(app: Celery, job_ids: Sequence[str], queue: str, chunk: int = 1
                 body,
                 exchange="",  # straight to the queue's list, as send_task does for direct queues
                 routing_key=queue,
-                headers=headers,
+                headers={**headers, **sent_header()},
                 serializer="json",
                 retry=False,
                 **properties,
@@ -136,7 +148,13 @@ def task_message(app: Celery, job_id: str, queue: str) -> str:
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {**headers, "id": task_id, "root_id": task_id, "argsrepr": repr([job_id])},
+            "headers": {
+                **headers,
+                "id": task_id,
+                "root_id": task_id,
+                "argsrepr": repr([job_id]),
+                **sent_header(),
+            },
             "properties": {
                 **properties,
                 "correlation_id": task_id,
@@ -155,6 +173,13 @@ def message_job_id(message: bytes | str) -> str:
     """The job id a `run_job` message on a queue's list carries (`task_message` read back)."""
     body = json.loads(base64.b64decode(json.loads(message)["body"]))
     return str(body[0][0])
+
+
+def message_sent_at(message: bytes | str) -> float | None:
+    """When a `run_job` message was sent (`SENT_AT`); None for one without the header (sent by
+    a process older than it)."""
+    sent = json.loads(message)["headers"].get(SENT_AT)
+    return float(sent) if isinstance(sent, int | float) else None
 
 
 _ENVELOPES: dict[tuple[int, int], tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}

@@ -13,6 +13,16 @@ original message that was merely slow is dropped once another has started the jo
 
 Keep the deadline well above the time a job may legitimately wait in the queue or run: a job
 re-published while its first message is still waiting loses nothing, but costs one more message.
+
+A message a worker took and died with would wait out that whole deadline (hours), so each sweep
+also looks for such jobs directly. A lane is a list, first in, first out, and every message
+says when it was sent (`guardfleet.queueing.SENT_AT`): the oldest message still waiting dates
+every message that has left the lane. A job still queued whose message was sent before that
+(its deadline less `stale_s` is when its last message was queued) has had its message taken by
+a worker that has not started it. A live worker starts a job milliseconds after it takes the
+message, so a job found so by two sweeps in a row lost its message with its worker, and is
+published again at once. Clocks of different machines may differ by `skew_s`; jobs within it
+are left to the deadline.
 """
 
 from __future__ import annotations
@@ -20,11 +30,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
-from guardfleet.replies import as_text
+from guardfleet.keys import GPU_QUEUES, OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
+from guardfleet.queueing import message_job_id, message_sent_at, sent_header
+from guardfleet.replies import as_text, optional_text
 from guardfleet.store import set_deadlines
 from guardfleet.webhooks import SendTask
 from worker.leases import DueSet
@@ -41,6 +54,18 @@ end
 return {redis.call('HINCRBY', KEYS[1], 'gen', 1), h[2] or ARGV[2]}
 """
 
+# KEYS: job, open index. ARGV: job id, gen and deadline as a sweep saw them, new deadline, default
+# lane. A new message generation if the job is still queued and untouched since (no other sweep
+# published it meanwhile); nil otherwise.
+_REVIVE = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'queue', 'gen')
+if h[1] ~= 'queued' or (h[3] or '1') ~= ARGV[2] then return false end
+if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1])) ~= tonumber(ARGV[3]) then return false end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+return {redis.call('HINCRBY', KEYS[1], 'gen', 1), h[2] or ARGV[5]}
+"""
+Seen = tuple[str, float]  # a queued job's message gen and deadline, as a sweep read them
+
 
 class Reconciler:
     def __init__(
@@ -51,15 +76,26 @@ class Reconciler:
         ttl_s: int,
         every_s: float = 5.0,
         limit: int = 100,
+        *,
+        broker: redis.Redis | None = None,
+        run_lease_s: float = 0.0,
+        skew_s: float = 2.0,
     ) -> None:
+        """`broker` holds the lanes (the store's Redis if None); `run_lease_s` is how far ahead
+        a running job's deadline lies, so that the search for lost messages skips those."""
         self.client = client
+        self.broker = client if broker is None else broker
         self.send_task = send_task
         self.stale_s = stale_s
         self.ttl_s = ttl_s
         self.every_s = every_s
         self.limit = limit
+        self.run_lease_s = run_lease_s
+        self.skew_s = skew_s
         self._open = DueSet(client, OPEN_JOBS)  # leased until the job's next deadline
         self._bump = client.register_script(_BUMP)
+        self._revive = client.register_script(_REVIVE)
+        self._suspects: dict[str, Seen] = {}  # found by the last sweep; lost if found again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
 
@@ -70,29 +106,92 @@ class Reconciler:
         self._stop.set()
 
     def sweep(self) -> int:
-        """Re-publish the stale jobs due now; returns how many."""
+        """Re-publish the stale jobs due now, and the jobs whose message was lost with the
+        worker that took it; returns how many."""
         # Renewed here (and by each API process once a minute while it creates jobs), the
         # index outlives every job in it.
         self.client.expire(OPEN_JOBS, self.ttl_s)
-        published = 0
         due = self._open.take_due(self.stale_s, self.limit)
-        for i, job_id in enumerate(due):
-            bumped = self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK])
+        published = self._publish(
+            due,
+            lambda job_id: self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK]),
+            "is stale",
+        )
+        lost = self._lost()
+        return published + self._publish(
+            list(lost),
+            lambda job_id: self._revive(
+                keys=[job_key(job_id), OPEN_JOBS],
+                args=[job_id, *lost[job_id], time.time() + self.stale_s, QUEUE_BULK],
+            ),
+            "lost its message with a worker",
+        )
+
+    def _publish(self, job_ids: list[str], bump: Callable[[str], Any], why: str) -> int:
+        published = 0
+        for i, job_id in enumerate(job_ids):
+            bumped = bump(job_id)
             if not bumped:
                 continue
-            gen, queue = int(bumped[0]), bumped[1]
-            queue = as_text(queue)
-            log.warning("job %s is stale; publishing it again (message %d)", job_id, gen)
+            gen, queue = int(bumped[0]), as_text(bumped[1])
+            log.warning("job %s %s; publishing it again (message %d)", job_id, why, gen)
             try:
-                self.send_task(TASK_RUN_JOB, args=[job_id, gen], queue=queue)
+                self.send_task(TASK_RUN_JOB, args=[job_id, gen], queue=queue, headers=sent_header())
             except Exception:
                 # A broker on another server is away while the store answers: what this sweep
                 # took is due again now, not at the end of its lease (`stale_s`, hours), so the
                 # first sweep after the broker is back publishes it.
-                set_deadlines(self.client, due[i:], time.time())
+                set_deadlines(self.client, job_ids[i:], time.time())
                 raise
             published += 1
         return published
+
+    def _lost(self) -> dict[str, Seen]:
+        """The queued jobs whose message has left its lane, found so by this sweep and the one
+        before at the same gen and deadline (see the module's docstring)."""
+        now = time.time()
+        left_before: dict[str, float] = {}  # lane: every message sent before this has left it
+        waiting: set[str] = set()  # the jobs of those oldest messages (queued a moment earlier)
+        for lane in GPU_QUEUES:
+            oldest = self.broker.lindex(lane, -1)
+            sent = now if oldest is None else message_sent_at(oldest)
+            if sent is not None:  # None: a message without the header; this lane is skipped
+                left_before[lane] = sent - self.skew_s
+            if oldest is not None:
+                waiting.add(message_job_id(oldest))
+        suspects: dict[str, Seen] = {}
+        if left_before:
+            # Queued jobs' deadlines are when their message was sent plus `stale_s`; running
+            # jobs' leases end within `run_lease_s`, and those past `now` the due sweep takes.
+            entries: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
+                OPEN_JOBS,
+                f"({now + self.run_lease_s!r}",
+                max(left_before.values()) + self.stale_s,
+                start=0,
+                num=self.limit,
+                withscores=True,
+            )
+            pipe = self.client.pipeline(transaction=False)
+            for member, _ in entries:
+                pipe.hmget(job_key(as_text(member)), "status", "queue", "gen")
+            for (member, deadline), (status, queue, gen) in zip(
+                entries, pipe.execute(), strict=True
+            ):
+                lane = optional_text(queue) or QUEUE_BULK
+                job_id = as_text(member)
+                if (
+                    optional_text(status) != "queued"
+                    or lane not in left_before
+                    or job_id in waiting
+                ):
+                    continue
+                if deadline - self.stale_s < left_before[lane]:
+                    suspects[job_id] = (optional_text(gen) or "1", deadline)
+        lost = {
+            job_id: seen for job_id, seen in suspects.items() if self._suspects.get(job_id) == seen
+        }
+        self._suspects = {k: v for k, v in suspects.items() if k not in lost}
+        return lost
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

@@ -77,7 +77,12 @@ class WorkerService:
             run_lease_s=2 * settings.heartbeat_ttl_s,
         )
         self.reconciler = Reconciler(
-            self.redis, send_task, settings.job_stale_s, settings.result_ttl_s
+            self.redis,
+            send_task,
+            settings.job_stale_s,
+            settings.result_ttl_s,
+            broker=self.broker,
+            run_lease_s=self.store.run_lease_s,
         )
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.publisher = Publisher(self.redis, self.engine.decode)

@@ -81,7 +81,7 @@ def test_batch_items_the_broker_refused_are_published_once_it_answers(
     app = make_celery(apart)
     broker = redis.Redis.from_url(apart.broker)
     fan_out = FanOut(store, app, 3600, chunk=2, lease_s=60, stale_s=3600, broker=broker)
-    sweep = Reconciler(store, app.send_task, stale_s=3600, ttl_s=3600)
+    sweep = Reconciler(store, app.send_task, stale_s=3600, ttl_s=3600, broker=broker)
 
     _refuse_writes(private_redis, True)
     try:

@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, job_channel
-from guardfleet.queueing import make_celery, publish_jobs, task_message
+from guardfleet.queueing import (
+    make_celery,
+    message_job_id,
+    message_sent_at,
+    publish_jobs,
+    task_message,
+)
 from guardfleet.schemas import ClassifyRequest, Job, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import AsyncJobStore, JobStore, TransitionRefused
@@ -210,6 +216,37 @@ def test_the_reconciler_keeps_the_open_index_alive_while_jobs_run(store: JobStor
     assert published == [], "a job within its deadline was published again"
 
 
+def test_a_message_taken_by_a_worker_that_died_is_published_again_at_the_second_sweep(
+    store: JobStore, redis_server: RedisServer
+) -> None:
+    """A worker that takes a message (BRPOP) and dies before it starts the job takes the
+    message along. The lane is first in, first out, so once a message sent after the job's is
+    the oldest waiting (or the lane is empty), the job's message has left it: a job still queued
+    then, two sweeps in a row, is published again, long before its deadline. A job whose
+    message still waits, or that a worker starts between the two sweeps, is not."""
+    app = make_celery(Settings(redis_url=db_url(redis_server, DB)))
+    sent: list[Job] = []
+    for _ in range(4):  # the lane, oldest first: lost, started, late, waiting
+        sent.append(_new(store))
+        publish_jobs(app, [sent[-1].id], QUEUE_BULK)
+    lost, started, late, waiting = sent
+    for job in (lost, started, late):  # taken off the lane by workers
+        taken = store.client.rpop(QUEUE_BULK)
+        assert isinstance(taken, bytes) and message_job_id(taken) == job.id
+    _start(store, started, "a@test", "task-1")
+    sweep = Reconciler(store.client, app.send_task, store.stale_s, 60, skew_s=0)
+
+    assert sweep.sweep() == 0, "one sweep is not enough: a live worker may be starting it"
+    _start(store, late, "b@test", "task-2")  # a slow start, between two sweeps
+    assert sweep.sweep() == 1
+    lane = [message_job_id(m) for m in store.client.lrange(QUEUE_BULK, 0, -1)]
+    assert lane == [lost.id, waiting.id]  # newest first: the lost job's new message, behind
+    assert store.client.hget(f"guardfleet:job:{lost.id}", "gen") == b"2"
+    deadline = store.client.zscore(OPEN_JOBS, lost.id)
+    assert deadline is not None and deadline > time.time() + store.stale_s - 5
+    assert sweep.sweep() == 0 and sweep.sweep() == 0, "its new message waits; nothing is lost"
+
+
 def test_a_lease_renewal_never_brings_back_an_ended_job(store: JobStore) -> None:
     """A worker renews the leases of the jobs it runs with each heartbeat; a job that ended
     between its read of them and the renewal must stay out of the open index, or the
@@ -257,7 +294,7 @@ def test_the_api_builds_the_message_kombu_would_publish(redis_server: RedisServe
     kombus = json.loads(raw)
 
     def shape(message: dict[str, Any]) -> dict[str, Any]:
-        unique = {"id", "root_id", "correlation_id", "delivery_tag", "argsrepr"}
+        unique = {"id", "root_id", "correlation_id", "delivery_tag", "argsrepr", "sent_at"}
         return {
             "top": sorted(message),
             "headers": {k: v for k, v in message["headers"].items() if k not in unique},
@@ -269,3 +306,4 @@ def test_the_api_builds_the_message_kombu_would_publish(redis_server: RedisServe
     assert (args, kwargs) == (["job_ours"], {})
     assert embed == json.loads(base64.b64decode(kombus["body"]))[2]
     assert ours["headers"]["argsrepr"] == "['job_ours']"
+    assert message_sent_at(raw) is not None and message_sent_at(json.dumps(ours)) is not None

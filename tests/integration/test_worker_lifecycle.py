@@ -7,6 +7,7 @@ import time
 
 import redis
 
+from guardfleet.keys import QUEUE_BULK
 from guardfleet.queueing import queue_for
 from guardfleet.schemas import ClassifyRequest, Job, JobStatus
 from guardfleet.settings import Settings
@@ -64,7 +65,9 @@ def test_jobs_held_by_a_killed_worker_still_succeed(
     db = 7
     settings = Settings(redis_url=db_url(redis_server, db))
     env = {
-        # The killed worker's running jobs come back when their leases (2 x TTL) lapse.
+        # The killed worker's running jobs come back when their leases (2 x TTL) lapse; a
+        # message it had taken and not yet started (the kill can land in that moment: it
+        # comes right after a batch ends) by the sweep's lane-order check, seconds later.
         "GUARDFLEET_HEARTBEAT_TTL_S": "2",
         "GUARDFLEET_HEARTBEAT_INTERVAL_S": "0.5",
         "GUARDFLEET_WORKER_THREADS": "4",
@@ -93,6 +96,26 @@ def test_jobs_held_by_a_killed_worker_still_succeed(
         rerun = store.get(job_id)
         assert rerun is not None
         assert rerun.attempts == 2 and rerun.worker == "rescuer@test"
+
+
+def test_a_message_taken_by_a_worker_that_died_runs_within_seconds(
+    redis_server: RedisServer, start_worker: StartWorker
+) -> None:
+    """A worker killed between taking a message (BRPOP) and starting its job takes the message
+    along; the job is still queued and nothing in Redis names it. The sweep must find it by the
+    lane's order within a couple of sweeps, not after `GUARDFLEET_JOB_STALE_S` (2 hours here)."""
+    db = 54
+    url = db_url(redis_server, db)
+    redis.Redis.from_url(url).flushdb()
+    store, (job_id,) = queue_backlog(url, ["How do I plant tomatoes?"])
+    assert redis.Redis.from_url(url).rpop(QUEUE_BULK) is not None  # taken, by a worker now dead
+
+    start_worker("survivor@test", db=db)
+    wait_until(
+        lambda: (job := store.get(job_id)) is not None and job.status is JobStatus.SUCCEEDED,
+        30,
+        "the job to succeed",
+    )
 
 
 def test_a_job_whose_message_was_lost_is_published_again(
