@@ -154,11 +154,16 @@ class Reconciler:
         waiting: set[str] = set()  # the jobs of those oldest messages (queued a moment earlier)
         for lane in GPU_QUEUES:
             oldest = self.broker.lindex(lane, -1)
-            sent = now if oldest is None else message_sent_at(oldest)
+            if oldest is None:
+                left_before[lane] = now - self.skew_s
+                continue
+            try:
+                sent, job_id = message_sent_at(oldest), message_job_id(oldest)
+            except (ValueError, LookupError, TypeError):  # not a `run_job` message of ours
+                continue
+            waiting.add(job_id)
             if sent is not None:  # None: a message without the header; this lane is skipped
                 left_before[lane] = sent - self.skew_s
-            if oldest is not None:
-                waiting.add(message_job_id(oldest))
         suspects: dict[str, Seen] = {}
         if left_before:
             # Queued jobs' deadlines are when their message was sent plus `stale_s`; running

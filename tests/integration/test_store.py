@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, job_channel
+from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, QUEUE_INTERACTIVE, job_channel
 from guardfleet.queueing import (
     make_celery,
     message_job_id,
@@ -234,6 +234,7 @@ def test_a_message_taken_by_a_worker_that_died_is_published_again_at_the_second_
         taken = store.client.rpop(QUEUE_BULK)
         assert isinstance(taken, bytes) and message_job_id(taken) == job.id
     _start(store, started, "a@test", "task-1")
+    store.client.lpush(QUEUE_INTERACTIVE, b"not a message")  # skipped, and stops nothing
     sweep = Reconciler(store.client, app.send_task, store.stale_s, 60, skew_s=0)
 
     assert sweep.sweep() == 0, "one sweep is not enough: a live worker may be starting it"
