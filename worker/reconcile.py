@@ -17,12 +17,15 @@ re-published while its first message is still waiting loses nothing, but costs o
 A message a worker took and died with would wait out that whole deadline (hours), so each sweep
 also looks for such jobs directly. A lane is a list, first in, first out, and every message
 says when it was sent (`guardfleet.queueing.SENT_AT`): the oldest message still waiting dates
-every message that has left the lane. A job still queued whose message was sent before that
-(its deadline less `stale_s` is when its last message was queued) has had its message taken by
-a worker that has not started it. A live worker starts a job milliseconds after it takes the
-message, so a job found so by two sweeps in a row lost its message with its worker, and is
-published again at once. Clocks of different machines may differ by `skew_s`; jobs within it
-are left to the deadline.
+every message that has left the lane. A job still queued whose message was sent before every
+lane's oldest (its deadline less `stale_s` is when its last message was queued) has had its
+message taken by a worker that has not started it. A live worker starts a job milliseconds after
+it takes the message, so a job found so by two sweeps in a row lost its message with its
+worker, and is published again at once. The index does not say which lane a job is on, so the
+search stops where every lane has moved past: a message lost from one lane while the other holds
+an older backlog is found once that backlog has moved past it (at worst at the deadline), and a
+backlog is never read through. Clocks of different machines may differ by `skew_s`; jobs
+within it are left to the deadline.
 """
 
 from __future__ import annotations
@@ -147,56 +150,58 @@ class Reconciler:
         return published
 
     def _lost(self) -> dict[str, Seen]:
-        """The queued jobs whose message has left its lane, found so by this sweep and the one
-        before at the same gen and deadline (see the module's docstring)."""
-        now = time.time()
-        left_before: dict[str, float] = {}  # lane: every message sent before this has left it
-        waiting: set[str] = set()  # the jobs of those oldest messages (queued a moment earlier)
-        for lane in GPU_QUEUES:
-            oldest = self.broker.lindex(lane, -1)
-            if oldest is None:
-                left_before[lane] = now - self.skew_s
-                continue
-            try:
-                sent, job_id = message_sent_at(oldest), message_job_id(oldest)
-            except (ValueError, LookupError, TypeError):  # not a `run_job` message of ours
-                continue
-            waiting.add(job_id)
-            if sent is not None:  # None: a message without the header; this lane is skipped
-                left_before[lane] = sent - self.skew_s
+        """The queued jobs whose message has left every lane, found so by this sweep and the
+        one before at the same gen and deadline (see the module's docstring)."""
+        mark = self._mark()
         suspects: dict[str, Seen] = {}
-        if left_before:
-            # Queued jobs' deadlines are when their message was sent plus `stale_s`; running
-            # jobs' leases end within `run_lease_s`, and those past `now` the due sweep takes.
+        if mark is not None:
+            left_before, waiting = mark
+            now = time.time()
+            # Queued jobs' deadlines are when their message was sent plus `stale_s`. Running
+            # jobs' leases end within `run_lease_s` of now, so the range starts there (a queued
+            # job whose deadline is that near falls due for the sweep above anyway); it ends
+            # where every lane has moved past, so a backlog waiting on one lane never fills it.
             entries: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
                 OPEN_JOBS,
                 f"({now + self.run_lease_s!r}",
-                max(left_before.values()) + self.stale_s,
+                f"({left_before + self.stale_s!r}",
                 start=0,
                 num=self.limit,
                 withscores=True,
             )
             pipe = self.client.pipeline(transaction=False)
             for member, _ in entries:
-                pipe.hmget(job_key(as_text(member)), "status", "queue", "gen")
-            for (member, deadline), (status, queue, gen) in zip(
-                entries, pipe.execute(), strict=True
-            ):
-                lane = optional_text(queue) or QUEUE_BULK
+                pipe.hmget(job_key(as_text(member)), "status", "gen")
+            for (member, deadline), (status, gen) in zip(entries, pipe.execute(), strict=True):
                 job_id = as_text(member)
-                if (
-                    optional_text(status) != "queued"
-                    or lane not in left_before
-                    or job_id in waiting
-                ):
-                    continue
-                if deadline - self.stale_s < left_before[lane]:
+                if optional_text(status) == "queued" and job_id not in waiting:
                     suspects[job_id] = (optional_text(gen) or "1", deadline)
         lost = {
             job_id: seen for job_id, seen in suspects.items() if self._suspects.get(job_id) == seen
         }
         self._suspects = {k: v for k, v in suspects.items() if k not in lost}
         return lost
+
+    def _mark(self) -> tuple[float, set[str]] | None:
+        """A time every message sent before has left every lane (the earliest of the lanes'
+        oldest waiting messages, less `skew_s`), and the jobs of those oldest messages; None
+        if a lane's oldest entry does not say when it was sent (not a `run_job` message of
+        ours, or one from a process older than `SENT_AT`): nothing is dated until it leaves."""
+        marks, waiting = [], set()
+        for lane in GPU_QUEUES:
+            oldest = self.broker.lindex(lane, -1)
+            if oldest is None:  # an empty lane: every message sent before now has left it
+                marks.append(time.time())
+                continue
+            try:
+                sent, job_id = message_sent_at(oldest), message_job_id(oldest)
+            except (ValueError, LookupError, TypeError):
+                return None
+            if sent is None:
+                return None
+            marks.append(sent)
+            waiting.add(job_id)
+        return min(marks) - self.skew_s, waiting
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):

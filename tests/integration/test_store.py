@@ -220,23 +220,30 @@ def test_a_message_taken_by_a_worker_that_died_is_published_again_at_the_second_
     store: JobStore, redis_server: RedisServer
 ) -> None:
     """A worker that takes a message (BRPOP) and dies before it starts the job takes the
-    message along. The lane is first in, first out, so once a message sent after the job's is
-    the oldest waiting (or the lane is empty), the job's message has left it: a job still queued
-    then, two sweeps in a row, is published again, long before its deadline. A job whose
-    message still waits, or that a worker starts between the two sweeps, is not."""
+    message along. Lanes are first in, first out, so once every lane's oldest waiting message
+    was sent after the job's (or the lane is empty), the job's message has left: a job still
+    queued then, two sweeps in a row, is published again, long before its deadline. A job whose
+    message still waits, or that a worker starts between the two sweeps, is not; nor is one
+    lost from a lane while another lane's older backlog waits, until that backlog moves on."""
     app = make_celery(Settings(redis_url=db_url(redis_server, DB)))
     sent: list[Job] = []
     for _ in range(4):  # the lane, oldest first: lost, started, late, waiting
         sent.append(_new(store))
         publish_jobs(app, [sent[-1].id], QUEUE_BULK)
     lost, started, late, waiting = sent
-    for job in (lost, started, late):  # taken off the lane by workers
-        taken = store.client.rpop(QUEUE_BULK)
-        assert isinstance(taken, bytes) and message_job_id(taken) == job.id
+
+    def take(lane: str) -> str:  # as a worker's BRPOP does
+        taken = store.client.rpop(lane)
+        assert isinstance(taken, bytes)
+        return message_job_id(taken)
+
+    assert [take(QUEUE_BULK) for _ in range(3)] == [lost.id, started.id, late.id]
     _start(store, started, "a@test", "task-1")
-    store.client.lpush(QUEUE_INTERACTIVE, b"not a message")  # skipped, and stops nothing
     sweep = Reconciler(store.client, app.send_task, store.stale_s, 60, skew_s=0)
 
+    store.client.lpush(QUEUE_INTERACTIVE, b"not a message")
+    assert sweep.sweep() == 0 and sweep.sweep() == 0, "an undated lane dates nothing"
+    store.client.rpop(QUEUE_INTERACTIVE)
     assert sweep.sweep() == 0, "one sweep is not enough: a live worker may be starting it"
     _start(store, late, "b@test", "task-2")  # a slow start, between two sweeps
     assert sweep.sweep() == 1
@@ -246,6 +253,18 @@ def test_a_message_taken_by_a_worker_that_died_is_published_again_at_the_second_
     deadline = store.client.zscore(OPEN_JOBS, lost.id)
     assert deadline is not None and deadline > time.time() + store.stale_s - 5
     assert sweep.sweep() == 0 and sweep.sweep() == 0, "its new message waits; nothing is lost"
+
+    # Lost from the interactive lane while the bulk lane's older messages wait: left alone
+    # until the bulk lane has moved past it.
+    urgent = Job(request=ClassifyRequest(prompt="hello"))
+    store.create(urgent, QUEUE_INTERACTIVE)
+    publish_jobs(app, [urgent.id], QUEUE_INTERACTIVE)
+    assert take(QUEUE_INTERACTIVE) == urgent.id
+    assert sweep.sweep() == 0 and sweep.sweep() == 0
+    for task, job_id in enumerate([take(QUEUE_BULK), take(QUEUE_BULK)]):
+        store.start(job_id, f"task-{task + 3}", 2 if job_id == lost.id else 1, "c@test", utcnow())
+    assert sweep.sweep() == 0 and sweep.sweep() == 1
+    assert message_job_id(store.client.lindex(QUEUE_INTERACTIVE, 0) or b"") == urgent.id
 
 
 def test_a_lease_renewal_never_brings_back_an_ended_job(store: JobStore) -> None:
