@@ -33,7 +33,7 @@ from transformers import Gemma3TextConfig
 from guardfleet.schemas import ClassifyRequest, Mode
 from guardfleet.settings import Settings
 from worker.batching import BatchPolicy
-from worker.engine import Engine, GenRequest
+from worker.engine import Batch, Engine, GenRequest
 from worker.prompting import prepare
 from worker.runner import Runner
 
@@ -276,8 +276,9 @@ class Engines:
             runner.stop()
 
 
-def _step_ms(engine: Engine, requests: list[GenRequest]) -> float:
-    """ms per decode step of `engine` with these rows running."""
+def decoding_batch(engine: Engine, requests: list[GenRequest]) -> Batch:
+    """These rows prefilled and decoding, with no end in sight, and the step's CUDA graph (if
+    any) captured."""
     work = engine.begin(copies(requests))
     for row in work.rows:
         row.request.force_length, row.request.max_new_tokens = True, 10**6
@@ -286,6 +287,12 @@ def _step_ms(engine: Engine, requests: list[GenRequest]) -> float:
     batch = engine.join(None, work)
     for _ in range(3):  # a CUDA graph is captured on a bucket's first step
         engine.decode_step(batch)
+    return batch
+
+
+def _step_ms(engine: Engine, requests: list[GenRequest]) -> float:
+    """ms per decode step of `engine` with these rows running."""
+    batch = decoding_batch(engine, requests)
     sync(engine.device)
     t0 = time.perf_counter()
     for _ in range(32):

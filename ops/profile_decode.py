@@ -318,15 +318,7 @@ def ceilings(setup: Setup) -> list[str]:
 def running_batch(setup: Setup, size: int) -> Batch:
     """`size` copies of the bench's no_think prompt, prefilled and decoding (as
     bench_engine._step_ms), with the step's graph captured."""
-    engine = setup.engine
-    work = engine.begin(bench_engine.copies(setup.prompt[:1] * size))
-    for row in work.rows:
-        row.request.force_length, row.request.max_new_tokens = True, 10**6
-    while not engine.prefill(work, engine.prefill_chunk):
-        pass
-    batch = engine.join(None, work)
-    for _ in range(3):  # a CUDA graph is captured on a bucket's first step
-        engine.decode_step(batch)
+    batch = bench_engine.decoding_batch(setup.engine, setup.prompt[:1] * size)
     setup.clock.sync()
     return batch
 
