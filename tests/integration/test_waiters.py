@@ -12,8 +12,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import redis
+import redis.asyncio as aioredis
 
 from api.main import REDIS_CLIENT_NAME
+from api.waiters import Waiters
 from guardfleet.keys import job_channel, job_stream_channel
 from tests.conftest import ApiServer, RedisServer, db_url, queue_backlog
 
@@ -140,3 +142,27 @@ def test_idle_streams_do_not_hold_redis_connections(
 
     events = asyncio.run(scenario())
     assert Counter(tuple(e) for e in events) == {("status", "status", "done"): STREAMS}
+
+
+class _LosesOneCancel(Waiters):
+    """A reader that loses the first cancel sent to it, as one was seen lost inside redis-py
+    under load (the API process then never finished its shutdown)."""
+
+    async def _read(self) -> None:
+        try:
+            await super()._read()
+        except asyncio.CancelledError:
+            await super()._read()
+
+
+def test_closing_ends_a_reader_that_lost_a_cancel(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        client = aioredis.Redis.from_url(db_url(redis_server, 55))
+        waiters = _LosesOneCancel(client, confirm_timeout_s=5)
+        await waiters.start()
+        async with waiters.watch("guardfleet:test:lost-cancel"):  # connected and subscribed
+            pass
+        await asyncio.wait_for(waiters.aclose(), 10)
+        await client.aclose()
+
+    asyncio.run(main())
