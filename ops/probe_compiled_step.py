@@ -93,7 +93,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--sizes", default="1,32")
+    parser.add_argument(
+        "--eager-attention",
+        action="store_true",
+        help="keep attention out of the compiled code (as captured, cuDNN's kernel at large batch)",
+    )
     args = parser.parse_args()
+    if args.eager_attention:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # Each layer's attention becomes a graph break: inductor fuses what lies between them,
+        # and attention runs the kernel it would run uncompiled.
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = torch.compiler.disable(ALL_ATTENTION_FUNCTIONS["sdpa"])
     args.budget = None
     report = pd.Report(600.0)
     setup = pd.build(args, report)
@@ -109,7 +120,8 @@ def main() -> None:
             report.log(f"batch {size} failed: {type(exc).__name__}: {exc}")
             graphs.model = eager_model
     lines = [
-        f"- {bench.machine()}; torch {torch.__version__}",
+        f"- {bench.machine()}; torch {torch.__version__}; attention "
+        f"{'left out of the compiled code' if args.eager_attention else 'compiled too'}",
         "",
         "| batch | bucket | graph of eager kernels ms | kernels | kernel ms | graph of compiled "
         "ms | kernels | kernel ms | speed-up | compile + capture s | same greedy token |",
