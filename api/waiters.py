@@ -66,14 +66,16 @@ class Waiters:
 
     async def aclose(self) -> None:
         self._closing = True
-        for task in (self._reader, self._flusher):
+        tasks = [task for task in (self._reader, self._flusher) if task is not None]
+        for task in tasks:
             # Cancelled until it ends: one cancel can be lost on its way through redis-py
             # (seen under load, in about one shutdown in a few hundred: the reader, its cancel
             # requested, back waiting for messages), and the API process then never finished
             # its shutdown.
-            while task is not None and not task.done():
+            while not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=_RETRY_S)
+        await asyncio.gather(*tasks, return_exceptions=True)  # how each ended, collected
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @asynccontextmanager
