@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api import metrics
 from api.deps import Resources
 from api.errors import APIError
-from guardfleet.keys import delivery_key, job_channel
+from guardfleet.keys import delivery_key, job_channel, new_id
 from guardfleet.queueing import queue_for, task_message
 from guardfleet.schemas import (
     Batch,
@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 _RECHECK_S = 10.0
 
 
-def new_job(request: ClassifyRequest | ChatInput, **fields: Any) -> Job:
+def new_job(res: Resources, request: ClassifyRequest | ChatInput, **fields: Any) -> Job:
+    """A job with an id drawn from every part of the store (`GUARDFLEET_STORE_PARTS`)."""
     metadata = request.metadata if isinstance(request, ClassifyRequest) else None
-    return Job(request=request, metadata=metadata, **fields)
+    job_id = new_id("job", res.settings.store_parts)
+    return Job(id=job_id, request=request, metadata=metadata, **fields)
 
 
 async def check_callback(res: Resources, url: str | None) -> None:

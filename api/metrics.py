@@ -3,11 +3,11 @@
 The counters and histograms here (requests, sync latency, accepted and refused jobs) belong to
 the API processes. Run alone they live in this process; run by `python -m api`
 (`api.__main__`), every process writes them to files in `PROMETHEUS_MULTIPROC_DIR`
-(prometheus-client's multiprocess mode) and a scrape answered by any one process reports the
-sum over all the processes behind the port. The fleet gauges (queue depth and age per lane, ready
-workers) and the fleet counters (jobs ended, batch items, webhook attempts: `guardfleet.keys.STATS`,
-kept by whichever process made the change) are read from Redis at scrape time, so they read the
-same from every API container: query them with `max`, not `sum`.
+(prometheus-client's multiprocess mode) and a scrape answered by any one process reports the sum
+over all the processes behind the port. The fleet gauges (queue depth and age per lane, ready
+workers) and the fleet counters (jobs ended, batch items, webhook attempts: `guardfleet.keys.stats`,
+one hash per part, kept by whichever process made the change) are read from Redis at scrape time, so
+they read the same from every API container: query them with `max`, not `sum`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from api.deps import Resources
 from api.readiness import ready_workers
-from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, STATS, job_key
+from guardfleet.keys import GPU_QUEUES, QUEUE_WEBHOOKS, job_key, part_tags, stats
 from guardfleet.queueing import message_job_id
 from guardfleet.replies import as_text
 
@@ -62,7 +62,7 @@ SYNC_ROUTES = {"/v1/classify", "/v1/chat/completions"}
 @dataclass(eq=False)  # registries hash their collectors
 class FleetView(Collector):
     """The fleet as read from Redis at the last scrape: lane depths and ages, ready workers,
-    and the counters in `STATS`. Every label value this service can write is listed, so a
+    and the counters in `keys.stats`. Every label value this service can write is listed, so a
     series exists (at 0) before its first event."""
 
     COUNTERS: ClassVar[dict[str, tuple[str, str, str, tuple[str, ...]]]] = {
@@ -147,8 +147,14 @@ async def render(res: Resources) -> bytes:
         for lane in GPU_QUEUES:
             pipe.lindex(lane, -1)  # the oldest: producers push on the left
         found = await pipe.execute()
-    stats = await res.redis.hgetall(STATS)
-    FLEET.totals = {as_text(k): float(v) for k, v in stats.items()}
+    async with res.redis.pipeline(transaction=False) as pipe:
+        for tag in part_tags(res.settings.store_parts):
+            pipe.hgetall(stats(tag))
+        parts = await pipe.execute()
+    totals: Tally[str] = Tally()
+    for part in parts:
+        totals.update({as_text(k): float(v) for k, v in part.items()})
+    FLEET.totals = dict(totals)
     FLEET.depth = {lane: int(depth) for lane, depth in zip(lanes, found, strict=False)}
     FLEET.age = {
         lane: await _age(res, message)

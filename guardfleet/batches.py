@@ -21,16 +21,17 @@ import redis
 import redis.asyncio as aioredis
 
 from guardfleet.keys import (
-    BATCHES_DUE,
     BATCHES_PENDING,
-    STATS,
     batch_done_key,
     batch_fanout_key,
     batch_jobs_key,
     batch_key,
     batch_state_key,
     batch_upload_key,
+    batches_due,
+    id_tag,
     job_key,
+    stats,
 )
 from guardfleet.replies import as_text
 from guardfleet.schemas import (
@@ -98,7 +99,11 @@ CHUNK = 1000
 
 def _progress_args(job: Job, ttl_s: int) -> tuple[list[str], list[str | int]]:
     assert job.batch_id is not None
-    keys = [batch_state_key(job.batch_id), batch_done_key(job.batch_id), STATS]
+    keys = [
+        batch_state_key(job.batch_id),
+        batch_done_key(job.batch_id),
+        stats(id_tag(job.batch_id)),
+    ]
     return keys, [job.id, COUNTER[job.status], utcnow().isoformat(), ttl_s]
 
 
@@ -153,8 +158,9 @@ class AsyncBatchStore:
         self.ttl_s = ttl_s
 
     async def create(self, batch: Batch, upload: bytes) -> None:
-        """Store the batch and its checked upload in one transaction, due for fan-out now."""
-        ttl, total = self.ttl_s, batch.request_counts.total
+        """Store the batch and its checked upload in one transaction, due for fan-out now, then
+        count its items as pending (a fleet-wide hash, outside the batch's part)."""
+        ttl, total, tag = self.ttl_s, batch.request_counts.total, id_tag(batch.id)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(batch_key(batch.id), batch.model_dump_json(), ex=ttl)
             pipe.hset(
@@ -171,12 +177,15 @@ class AsyncBatchStore:
             pipe.set(batch_upload_key(batch.id), upload, ex=ttl)
             pipe.hset(batch_fanout_key(batch.id), "cursor", 0)
             pipe.expire(batch_fanout_key(batch.id), ttl)
-            pipe.zadd(BATCHES_DUE, {batch.id: time.time()})
+            pipe.zadd(batches_due(tag), {batch.id: time.time()})
+            pipe.expire(batches_due(tag), ttl)  # renewed with every batch: it outlives each
+            pipe.hincrby(stats(tag), "batch_items:accepted", total)
+            await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            # Lost if this process dies right here: admission then undercounts the batch until
+            # its fan-out's first chunk writes the count again.
             pipe.hset(BATCHES_PENDING, batch.id, total)
-            # Renewed with every batch, these outlive each batch in them.
-            pipe.expire(BATCHES_DUE, ttl)
             pipe.expire(BATCHES_PENDING, ttl)
-            pipe.hincrby(STATS, "batch_items:accepted", total)
             await pipe.execute()
 
     async def get(self, batch_id: str) -> Batch | None:
@@ -190,7 +199,11 @@ class AsyncBatchStore:
         """Move a validating or in-progress batch to `cancelling`, due for a delivery worker to
         cancel its items; False for a batch in any other status."""
         script = self.client.register_script(_CANCEL)
-        keys = [batch_state_key(batch_id), batch_fanout_key(batch_id), BATCHES_DUE]
+        keys = [
+            batch_state_key(batch_id),
+            batch_fanout_key(batch_id),
+            batches_due(id_tag(batch_id)),
+        ]
         args: list[str | float] = [batch_id, time.time(), utcnow().isoformat()]
         return bool(await script(keys=keys, args=args))
 

@@ -1,9 +1,9 @@
 """Queueing a stored batch's items: the fan-out, run by the delivery worker.
 
 The API stores a batch's checked upload (`guardfleet.batches`); a delivery worker takes the batch
-from `BATCHES_DUE` with a lease and calls `FanOut.run`, which queues the items a chunk per
-transaction and, once a batch is cancelled, cancels its queued items too. Both are safe to run
-again after a crash, and the lease makes sure they are.
+from its part's due set (`keys.batches_due`) with a lease and calls `FanOut.run`, which queues the
+items a chunk per transaction and, once a batch is cancelled, cancels its queued items too. Both are
+safe to run again after a crash, and the lease makes sure they are.
 """
 
 from __future__ import annotations
@@ -19,16 +19,18 @@ from guardfleet.batch_file import parse_items
 from guardfleet.batches import SETTLE, record_progress_many
 from guardfleet.errors import InvalidBatch
 from guardfleet.keys import (
-    BATCHES_DUE,
     BATCHES_PENDING,
     QUEUE_BULK,
-    STATS,
     batch_done_key,
     batch_fanout_key,
     batch_jobs_key,
     batch_state_key,
     batch_upload_key,
+    batches_due,
+    id_tag,
     job_key,
+    new_id,
+    stats,
 )
 from guardfleet.queueing import task_message
 from guardfleet.replies import as_bytes, as_text
@@ -107,7 +109,7 @@ class FanOut:
         while (step := self._step(batch_id, items)) is not None:
             written += step
             if stop is not None and stop.is_set():
-                self.client.zadd(BATCHES_DUE, {batch_id: time.time()}, xx=True)
+                self.client.zadd(batches_due(id_tag(batch_id)), {batch_id: time.time()}, xx=True)
                 break
         return written
 
@@ -134,14 +136,16 @@ class FanOut:
                 pipe.multi()
                 messages = self._write(pipe, batch_id, chunk, cancelled, status)
                 pipe.hset(fanout, "cursor", cursor + len(chunk))
-                pipe.hset(BATCHES_PENDING, batch_id, len(items) - cursor - len(chunk))
-                pipe.zadd(BATCHES_DUE, {batch_id: time.time() + self.lease_s})  # renew lease
+                # renew the lease
+                pipe.zadd(batches_due(id_tag(batch_id)), {batch_id: time.time() + self.lease_s})
                 pipe.execute()
             except redis.WatchError:
                 now = self.client.hget(fanout, "cursor")
                 if now is not None and int(now) != cursor:
                     return None  # another fan-out has it; it continues from there
                 return 0
+        # The fleet-wide estimate lives outside the batch's part, so outside its transaction.
+        self.client.hset(BATCHES_PENDING, batch_id, len(items) - cursor - len(chunk))
         if messages:
             self._push(messages)
         if cancelled:
@@ -167,10 +171,11 @@ class FanOut:
     ) -> dict[str, str]:
         """Queue the chunk's writes on `pipe`; returns the messages (by job id) that are still
         to be pushed to a separate broker once the transaction has run."""
-        now = utcnow()
+        now, tag = utcnow(), id_tag(batch_id)
         messages: dict[str, str] = {}
         jobs = [
             Job(
+                id=new_id("job", tag=tag),  # in the batch's part, as every key written here
                 request=item.classify_request(),
                 metadata=item.metadata,
                 batch_id=batch_id,
@@ -187,12 +192,12 @@ class FanOut:
             pipe.sadd(batch_done_key(batch_id), *[job.id for job in jobs])
             pipe.expire(batch_done_key(batch_id), self.ttl_s)
             pipe.hincrby(state, "cancelled", len(jobs))
-            pipe.hincrby(STATS, "batch_items:cancelled", len(jobs))
-            pipe.hincrby(STATS, "jobs_ended:cancelled", len(jobs))
+            pipe.hincrby(stats(tag), "batch_items:cancelled", len(jobs))
+            pipe.hincrby(stats(tag), "jobs_ended:cancelled", len(jobs))
         else:
             for job in jobs:
                 add_create(pipe, job, QUEUE_BULK, self.ttl_s, self.stale_s)
-            renew_open_index(pipe, self.ttl_s)
+            renew_open_index(pipe, self.ttl_s, tag)
             messages = {job.id: task_message(self.app, job.id, QUEUE_BULK) for job in jobs}
             if self.broker is None:
                 pipe.lpush(QUEUE_BULK, *messages.values())
@@ -239,13 +244,15 @@ class FanOut:
             saved = self.store.save_many(queued)
             cancelled = [job for job, ok in zip(queued, saved, strict=True) if ok]
             record_progress_many(self.client, cancelled, self.ttl_s)
-            self.client.zadd(BATCHES_DUE, {batch_id: time.time() + self.lease_s}, xx=True)
+            lease = {batch_id: time.time() + self.lease_s}
+            self.client.zadd(batches_due(id_tag(batch_id)), lease, xx=True)
 
     def _forget(self, batch_id: str) -> None:
+        # The count first: a crash between the two leaves the batch due, forgotten again later.
+        self.client.hdel(BATCHES_PENDING, batch_id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(batch_upload_key(batch_id))
-            pipe.zrem(BATCHES_DUE, batch_id)
-            pipe.hdel(BATCHES_PENDING, batch_id)
+            pipe.zrem(batches_due(id_tag(batch_id)), batch_id)
             pipe.execute()
 
     def _fail(self, batch_id: str, code: str, message: str) -> None:

@@ -7,7 +7,6 @@ back with `Job.model_validate_json()`, so the record and the HTTP body are the s
 from __future__ import annotations
 
 import enum
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -21,6 +20,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from guardfleet.keys import new_id
 
 # Generous per-field cap: the model's context is the real limit (checked in tokens by the worker);
 # this only stops a client from parking megabytes in Redis before that check can run.
@@ -233,7 +234,8 @@ class JobError(BaseModel):
 
 
 def new_job_id() -> str:
-    return "job_" + uuid.uuid4().hex
+    """An id in the store's first part; the API draws from every part (`keys.new_id`)."""
+    return new_id("job")
 
 
 def utcnow() -> datetime:
@@ -348,7 +350,7 @@ class RequestCounts(BaseModel):
 
 
 def new_batch_id() -> str:
-    return "batch_" + uuid.uuid4().hex
+    return new_id("batch")
 
 
 class Batch(BaseModel):

@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from guardfleet.keys import MAX_PARTS
+
 DEMO_MODEL = "demo"
 NIM_MODEL_ID = "nvidia/nemotron-content-safety-reasoning-4b-experimental"
 # The id of NVIDIA's hosted API: a client moved here by changing only its base_url sends it.
@@ -52,6 +54,13 @@ class Settings(BaseSettings):
         ge=4,
         description="Redis connections per API process; a request waits (up to the Redis "
         "timeout) for a free one rather than opening more",
+    )
+    store_parts: int = Field(
+        1,
+        ge=1,
+        le=MAX_PARTS,
+        description="parts (hash tags) new job and batch ids are spread over, so the job store "
+        "can spread over a Redis Cluster; raise it at will, never lower it",
     )
     result_ttl_s: int = Field(86_400, ge=1, description="how long jobs and results are kept")
     log_format: Literal["text", "json"] = Field(

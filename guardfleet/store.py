@@ -27,7 +27,7 @@ attempt that started last owns the job: the result of an older attempt is refuse
 A job someone streams also has `watch` set; then every status change is added to its stream
 (`guardfleet.streams`) by the same script.
 
-Open jobs are also in the `OPEN_JOBS` index with a staleness deadline; see
+Open jobs are also in their part's open index (`keys.open_jobs`) with a staleness deadline; see
 `worker.reconcile`. `JobStore` is for the worker (blocking client), `AsyncJobStore` for the API.
 """
 
@@ -44,7 +44,16 @@ import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
 from guardfleet import streams
-from guardfleet.keys import JOB_NOTICES, OPEN_JOBS, STATS, job_channel, job_key, job_stream
+from guardfleet.keys import (
+    JOB_NOTICES,
+    by_tag,
+    id_tag,
+    job_channel,
+    job_key,
+    job_stream,
+    open_jobs,
+    stats,
+)
 from guardfleet.replies import optional_text
 from guardfleet.schemas import Job, JobStatus
 
@@ -137,7 +146,8 @@ class TransitionRefused(Exception):
 
 def _end_args(job: Job, ttl_s: int, required_attempt: int | None) -> tuple[list[str], list[Any]]:
     allowed = ",".join(s.value for s in ALLOWED_FROM[job.status])
-    return [job_key(job.id), job_channel(job.id), OPEN_JOBS, job_stream(job.id), STATS], [
+    tag = id_tag(job.id)
+    return [job_key(job.id), job_channel(job.id), open_jobs(tag), job_stream(job.id), stats(tag)], [
         job.model_dump_json(),
         job.status.value,
         allowed,
@@ -200,13 +210,13 @@ def add_create(
     index's TTL (`renew_open_index`), once per pipeline rather than once per job."""
     pipe.hset(job_key(job.id), mapping=record_fields(job, queue, watch))
     pipe.expire(job_key(job.id), ttl_s)
-    pipe.zadd(OPEN_JOBS, {job.id: time.time() + stale_s})
+    pipe.zadd(open_jobs(id_tag(job.id)), {job.id: time.time() + stale_s})
 
 
-def renew_open_index(pipe: Any, ttl_s: int) -> None:
-    """Keep the open index alive as long as the jobs just created in it; every worker's
+def renew_open_index(pipe: Any, ttl_s: int, tag: str) -> None:
+    """Keep a part's open index alive as long as the jobs just created in it; every worker's
     reconciler renews it too, so it goes only once no worker runs and its jobs have expired."""
-    pipe.expire(OPEN_JOBS, ttl_s)
+    pipe.expire(open_jobs(tag), ttl_s)
 
 
 # A job's creation, for the API: one script call rather than a MULTI/EXEC of five commands.
@@ -234,8 +244,15 @@ return r
 def set_deadlines(client: redis.Redis, job_ids: Collection[str], deadline: float) -> None:
     """Move open jobs' deadlines in the open index. Only ids still in the index are touched: a
     job that ended meanwhile stays out."""
-    if job_ids:
-        client.zadd(OPEN_JOBS, dict.fromkeys(job_ids, deadline), xx=True)
+    groups = by_tag(job_ids)
+    if len(groups) == 1:
+        [(tag, ids)] = groups.items()
+        client.zadd(open_jobs(tag), dict.fromkeys(ids, deadline), xx=True)
+    elif groups:
+        with client.pipeline(transaction=False) as pipe:
+            for tag, ids in groups.items():
+                pipe.zadd(open_jobs(tag), dict.fromkeys(ids, deadline), xx=True)
+            pipe.execute()
 
 
 class JobStore:
@@ -266,7 +283,7 @@ class JobStore:
     def create(self, job: Job, queue: str) -> None:
         with self.client.pipeline(transaction=True) as pipe:
             add_create(pipe, job, queue, self.ttl_s, self.stale_s)
-            renew_open_index(pipe, self.ttl_s)
+            renew_open_index(pipe, self.ttl_s, id_tag(job.id))
             pipe.execute()
 
     def start(
@@ -277,7 +294,7 @@ class JobStore:
         TransitionRefused (with the job as found) for a duplicate message or a job that is not
         queued or running. Safe to call again with the same arguments after an error: a start
         that landed is returned."""
-        keys = [job_key(job_id), OPEN_JOBS, job_stream(job_id)]
+        keys = [job_key(job_id), open_jobs(id_tag(job_id)), job_stream(job_id)]
         args: list[EncodableT] = [
             task_id,
             gen,
@@ -332,7 +349,7 @@ class AsyncJobStore:
         self._end = client.register_script(_END)
         self._create = client.register_script(_CREATE)
         self._read_waited = client.register_script(_READ_WAITED)
-        self._index_renewed = -float(INDEX_RENEW_S)
+        self._index_renewed: dict[str, float] = {}  # by part
 
     async def get(self, job_id: str) -> Job | None:
         return load_job(await self.client.hmget(job_key(job_id), JOB_FIELDS))
@@ -363,14 +380,14 @@ class AsyncJobStore:
         raised (the caller answers 503; nothing runs). A process that dies between the two
         leaves a queued record without a message, which the stale-job sweep publishes once its
         deadline (`stale_s`) passes, as it does for a message the broker lost."""
-        renew = ""
-        if time.monotonic() - self._index_renewed >= INDEX_RENEW_S:
+        renew, tag = "", id_tag(job.id)
+        if time.monotonic() - self._index_renewed.get(tag, -INDEX_RENEW_S) >= INDEX_RENEW_S:
             # The jobs of the next minute may outlive the index by up to a minute if no worker
             # runs meanwhile (each one's reconciler renews it every few seconds): then nothing
             # sweeps the index anyway.
-            renew, self._index_renewed = str(self.ttl_s), time.monotonic()
+            renew, self._index_renewed[tag] = str(self.ttl_s), time.monotonic()
         fields = [v for pair in record_fields(job, queue, watch, waited).items() for v in pair]
-        keys = [job_key(job.id), OPEN_JOBS]
+        keys = [job_key(job.id), open_jobs(tag)]
         if self.broker is None:
             keys.append(queue)
         deadline = time.time() + self.stale_s
@@ -385,7 +402,7 @@ class AsyncJobStore:
             with contextlib.suppress(redis.RedisError):
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.delete(job_key(job.id))
-                    pipe.zrem(OPEN_JOBS, job.id)
+                    pipe.zrem(open_jobs(tag), job.id)
                     await pipe.execute()
             raise
 

@@ -34,11 +34,12 @@ from standardwebhooks.webhooks import Webhook
 
 from guardfleet.keys import (
     QUEUE_WEBHOOKS,
-    STATS,
     TASK_DELIVER,
-    WEBHOOKS_DUE,
     delivery_key,
     delivery_lock_key,
+    id_tag,
+    stats,
+    webhooks_due,
 )
 from guardfleet.schemas import DeliveryAttempt, WebhookDelivery, utcnow
 from guardfleet.settings import Settings
@@ -108,16 +109,17 @@ class DeliveryStore:
         """Save the delivery after an attempt and, in the same transaction, move its due entry
         to the next attempt's time or drop it when there is none, and count the attempt (and
         the delivery, once it has ended)."""
+        tag = id_tag(resource_id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(delivery_key(resource_id), delivery.model_dump_json(), ex=self.ttl_s)
-            pipe.hincrby(STATS, f"webhook_attempts:{outcome}", 1)
+            pipe.hincrby(stats(tag), f"webhook_attempts:{outcome}", 1)
             if delivery.status != "pending":
-                pipe.hincrby(STATS, f"webhook_deliveries:{delivery.status}", 1)
+                pipe.hincrby(stats(tag), f"webhook_deliveries:{delivery.status}", 1)
             if delivery.next_attempt_at is not None:
-                pipe.zadd(WEBHOOKS_DUE, {resource_id: delivery.next_attempt_at.timestamp()})
-                pipe.expire(WEBHOOKS_DUE, self.ttl_s)  # outlive the record just saved
+                pipe.zadd(webhooks_due(tag), {resource_id: delivery.next_attempt_at.timestamp()})
+                pipe.expire(webhooks_due(tag), self.ttl_s)  # outlive the record just saved
             else:
-                pipe.zrem(WEBHOOKS_DUE, resource_id)
+                pipe.zrem(webhooks_due(tag), resource_id)
             pipe.execute()
 
     def lock(self, resource_id: str, token: str, ttl_s: float) -> bool:
@@ -165,7 +167,7 @@ def schedule(
         # the lease ends (GUARDFLEET_WEBHOOK_LEASE_S).
         due = time.time() + settings.webhook_lease_s
     created = store.client.register_script(_STORE_NEW)(
-        keys=[delivery_key(resource_id), WEBHOOKS_DUE],
+        keys=[delivery_key(resource_id), webhooks_due(id_tag(resource_id))],
         args=[delivery.model_dump_json(), store.ttl_s, due, resource_id],
     )
     if not created:

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import redis
 
+from guardfleet.keys import worker_key
 from guardfleet.queueing import make_celery, publish_jobs, queue_for
 from guardfleet.schemas import ClassifyRequest, Job
 from guardfleet.settings import Settings
@@ -132,7 +133,7 @@ class Worker:
     extra: dict[str, str] = field(default_factory=dict)
 
     def heartbeat(self) -> dict[str, object] | None:
-        raw = redis.Redis.from_url(self.redis_url).get(f"guardfleet:worker:{self.name}")
+        raw = redis.Redis.from_url(self.redis_url).get(worker_key(self.name))
         return None if raw is None else dict(json.loads(raw))
 
     def wait_ready(self, timeout: float = 120) -> None:

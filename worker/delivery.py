@@ -1,19 +1,16 @@
 """The delivery worker: `python -m worker.delivery` (no GPU, no torch). It sends webhooks and
 fans batches out.
 
-Batches: a thread takes stored batches from `BATCHES_DUE` with a lease and queues their items
-(`guardfleet.batches.FanOut`); the lease is renewed with every chunk, so a worker that dies
+Batches: a thread takes stored batches from their parts' due sets with a lease and queues their
+items (`guardfleet.batches.FanOut`); the lease is renewed with every chunk, so a worker that dies
 mid-batch leaves it to the next sweep of any delivery worker, which resumes at the cursor.
-
 Webhooks: it consumes the `webhooks` queue, one attempt per task, and runs a small thread (the
 sweeper) that moves deliveries whose time has come from the outbox (a Redis sorted set) onto the
-queue. A
-due entry is *leased* (pushed GUARDFLEET_WEBHOOK_LEASE_S into the future) rather than removed
-when it is queued, so a crash between taking it and queueing it, or a lost task, only delays the
-attempt; the task settles the entry (next attempt's time, or removed) once it has recorded it.
-
-Copies of one delivery's task (a lease that ran out behind a backlog, a redelivered message)
-are harmless: an attempt runs only under the delivery's lock and only once it is due.
+queue. A due entry is *leased* (pushed GUARDFLEET_WEBHOOK_LEASE_S into the future) rather than
+removed when it is queued, so a crash between taking it and queueing it, or a lost task, only
+delays the attempt; the task settles the entry (next attempt's time, or removed) once it has
+recorded it.  Copies of one delivery's task (a lease that ran out behind a backlog, a redelivered
+message) are harmless: an attempt runs only under the delivery's lock and only once it is due.
 """
 
 from __future__ import annotations
@@ -33,7 +30,14 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from guardfleet import logs, redis_conn
 from guardfleet.fanout import FanOut
-from guardfleet.keys import BATCHES_DUE, QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
+from guardfleet.keys import (
+    QUEUE_WEBHOOKS,
+    TASK_DELIVER,
+    batches_due,
+    id_tag,
+    part_tags,
+    webhooks_due,
+)
 from guardfleet.queueing import make_celery
 from guardfleet.schemas import utcnow
 from guardfleet.settings import get_settings
@@ -84,11 +88,12 @@ def _deliver_locked(resource_id: str) -> None:
 def _deliver(resource_id: str) -> None:
     delivery = _store.get(resource_id)
     if delivery is None or delivery.status != "pending":  # expired, or settled by another copy
-        _redis.zrem(WEBHOOKS_DUE, resource_id)
+        _redis.zrem(webhooks_due(id_tag(resource_id)), resource_id)
         return
     if delivery.next_attempt_at is not None and delivery.next_attempt_at > utcnow():
         # An early copy: put the entry back to its real time instead of attempting now.
-        _redis.zadd(WEBHOOKS_DUE, {resource_id: delivery.next_attempt_at.timestamp()})
+        due = {resource_id: delivery.next_attempt_at.timestamp()}
+        _redis.zadd(webhooks_due(id_tag(resource_id)), due)
         return
     outcome = attempt(delivery, _settings, _http)
     delivery = record(delivery, outcome, _settings, _rng)
@@ -104,7 +109,7 @@ def _deliver(resource_id: str) -> None:
 
 
 def _requeue_due() -> None:
-    outbox = DueSet(_redis, WEBHOOKS_DUE)
+    outbox = DueSet(_redis, [webhooks_due(t) for t in part_tags(_settings.store_parts)])
     while not _stop.wait(POLL_S):
         try:
             for resource_id in outbox.take_due(_settings.webhook_lease_s):
@@ -116,7 +121,9 @@ def _requeue_due() -> None:
 
 
 def _fan_out_due() -> None:
-    due = DueSet(_redis, BATCHES_DUE)
+    # One batch due from each part at a time: a batch not reached before its lease ends is
+    # taken by another delivery worker, and the fan-out's cursor keeps the two apart.
+    due = DueSet(_redis, [batches_due(t) for t in part_tags(_settings.store_parts)])
     fan_out = FanOut(
         _redis,
         app,

@@ -8,6 +8,7 @@ sweep takes it. Whoever deals with an entry moves it to its next time or removes
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import redis
 
@@ -22,12 +23,20 @@ return due
 
 
 class DueSet:
-    def __init__(self, client: redis.Redis, key: str) -> None:
-        self.key = key
+    """One such set per part of the store (`guardfleet.keys`): a take reads each part's."""
+
+    def __init__(self, client: redis.Redis, keys: Sequence[str]) -> None:
+        self.client = client
+        self.keys = list(keys)
         self._take = client.register_script(_TAKE_DUE)
 
     def take_due(self, lease_s: float, limit: int = 100) -> list[str]:
-        """The members due now (at most `limit`), each leased for `lease_s`."""
+        """The members due now (at most `limit` from each part), each leased for `lease_s`."""
         now = time.time()
-        due = self._take(keys=[self.key], args=[now, now + lease_s, limit])
-        return [as_text(m) for m in due]
+        args = [now, now + lease_s, limit]
+        if len(self.keys) == 1:
+            return [as_text(m) for m in self._take(keys=self.keys, args=args)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in self.keys:
+                self._take(keys=[key], args=args, client=pipe)
+            return [as_text(m) for due in pipe.execute() for m in due]

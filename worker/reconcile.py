@@ -3,10 +3,11 @@
 Redis hands a message to a consumer (BRPOP), and from then on it exists only in that worker's
 memory (kombu's unacknowledged messages are not kept in Redis, `guardfleet.queueing`): a worker
 killed, or a Redis that dies while the reply is on its way, takes it along. Every open job is
-therefore in the `OPEN_JOBS` index with a deadline (`GUARDFLEET_JOB_STALE_S` after it was
-queued; once started, a lease that its worker renews with each heartbeat, so the jobs of a
-worker that died come back within twice the heartbeat's TTL), and each GPU worker runs this
-sweep: a job past its deadline gets a new message (its `gen` goes up) and a new deadline.
+therefore in its part's open index (`keys.open_jobs`) with a deadline (`GUARDFLEET_JOB_STALE_S`
+after it was queued; once started, a lease that its worker renews with each heartbeat, so the
+jobs of a worker that died come back within twice the heartbeat's TTL), and each GPU worker runs
+this sweep over every part: a job past its deadline gets a new message (its `gen` goes up) and a
+new deadline.
 Duplicates are harmless: a message starts a job only if the job is queued, or if it is the
 message that started the current run, or newer than that run (see `guardfleet.store`), so an
 original message that was merely slow is dropped once another has started the job.
@@ -38,7 +39,15 @@ from typing import Any
 
 import redis
 
-from guardfleet.keys import GPU_QUEUES, OPEN_JOBS, QUEUE_BULK, TASK_RUN_JOB, job_key
+from guardfleet.keys import (
+    GPU_QUEUES,
+    QUEUE_BULK,
+    TASK_RUN_JOB,
+    id_tag,
+    job_key,
+    open_jobs,
+    part_tags,
+)
 from guardfleet.queueing import message_job_id, message_sent_at, sent_header
 from guardfleet.replies import as_text, optional_text
 from guardfleet.store import set_deadlines
@@ -70,6 +79,10 @@ return {redis.call('HINCRBY', KEYS[1], 'gen', 1), h[2] or ARGV[5]}
 Seen = tuple[str, float]  # a queued job's message gen and deadline, as a sweep read them
 
 
+def _job_keys(job_id: str) -> list[str]:
+    return [job_key(job_id), open_jobs(id_tag(job_id))]
+
+
 class Reconciler:
     def __init__(
         self,
@@ -83,9 +96,11 @@ class Reconciler:
         broker: redis.Redis | None = None,
         run_lease_s: float = 0.0,
         skew_s: float = 2.0,
+        parts: int = 1,
     ) -> None:
         """`broker` holds the lanes (the store's Redis if None); `run_lease_s` is how far ahead
-        a running job's deadline lies, so that the search for lost messages skips those."""
+        a running job's deadline lies, so that the search for lost messages skips those;
+        `parts` is how many of the store's parts to sweep (`GUARDFLEET_STORE_PARTS`)."""
         self.client = client
         self.broker = client if broker is None else broker
         self.send_task = send_task
@@ -95,7 +110,8 @@ class Reconciler:
         self.limit = limit
         self.run_lease_s = run_lease_s
         self.skew_s = skew_s
-        self._open = DueSet(client, OPEN_JOBS)  # leased until the job's next deadline
+        self.indexes = [open_jobs(tag) for tag in part_tags(parts)]
+        self._open = DueSet(client, self.indexes)  # leased until the job's next deadline
         self._bump = client.register_script(_BUMP)
         self._revive = client.register_script(_REVIVE)
         self._suspects: dict[str, Seen] = {}  # found by the last sweep; lost if found again
@@ -113,18 +129,21 @@ class Reconciler:
         worker that took it; returns how many."""
         # Renewed here (and by each API process once a minute while it creates jobs), the
         # index outlives every job in it.
-        self.client.expire(OPEN_JOBS, self.ttl_s)
+        with self.client.pipeline(transaction=False) as pipe:
+            for index in self.indexes:
+                pipe.expire(index, self.ttl_s)
+            pipe.execute()
         due = self._open.take_due(self.stale_s, self.limit)
         published = self._publish(
             due,
-            lambda job_id: self._bump(keys=[job_key(job_id), OPEN_JOBS], args=[job_id, QUEUE_BULK]),
+            lambda job_id: self._bump(keys=_job_keys(job_id), args=[job_id, QUEUE_BULK]),
             "is stale",
         )
         lost = self._lost()
         return published + self._publish(
             list(lost),
             lambda job_id: self._revive(
-                keys=[job_key(job_id), OPEN_JOBS],
+                keys=_job_keys(job_id),
                 args=[job_id, *lost[job_id], time.time() + self.stale_s, QUEUE_BULK],
             ),
             "lost its message with a worker",
@@ -161,14 +180,18 @@ class Reconciler:
             # jobs' leases end within `run_lease_s` of now, so the range starts there (a queued
             # job whose deadline is that near falls due for the sweep above anyway); it ends
             # where every lane has moved past, so a backlog waiting on one lane never fills it.
-            entries: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
-                OPEN_JOBS,
-                f"({now + self.run_lease_s!r}",
-                f"({left_before + self.stale_s!r}",
-                start=0,
-                num=self.limit,
-                withscores=True,
-            )
+            with self.client.pipeline(transaction=False) as pipe:
+                for index in self.indexes:
+                    pipe.zrangebyscore(
+                        index,
+                        f"({now + self.run_lease_s!r}",
+                        f"({left_before + self.stale_s!r}",
+                        start=0,
+                        num=self.limit,
+                        withscores=True,
+                    )
+                parts: list[list[tuple[bytes, float]]] = pipe.execute()
+            entries = sorted((e for part in parts for e in part), key=lambda e: e[1])[: self.limit]
             pipe = self.client.pipeline(transaction=False)
             for member, _ in entries:
                 pipe.hmget(job_key(as_text(member)), "status", "gen")

@@ -83,6 +83,7 @@ class WorkerService:
             settings.result_ttl_s,
             broker=self.broker,
             run_lease_s=self.store.run_lease_s,
+            parts=settings.store_parts,
         )
         self.deliveries = webhooks.DeliveryStore(self.redis, settings.result_ttl_s)
         self.publisher = Publisher(self.redis, self.engine.decode)

@@ -24,7 +24,7 @@ from api.errors import APIError, responses
 from api.idempotency import IdempotencyKey, claim, fingerprint
 from guardfleet.batch_file import parse_items
 from guardfleet.errors import InvalidBatch
-from guardfleet.keys import QUEUE_BULK
+from guardfleet.keys import QUEUE_BULK, new_id
 from guardfleet.schemas import Batch, BatchItem, BatchStatus, Job, RequestCounts
 
 router = APIRouter(tags=["batches"])
@@ -68,7 +68,11 @@ async def create_batch(
     body = await request.body()
     items = await read_items(body, res.settings.max_batch_items)
     await jobs.check_callback(res, callback_url)
-    batch = Batch(request_counts=RequestCounts(total=len(items)), callback_url=callback_url)
+    batch = Batch(
+        id=new_id("batch", res.settings.store_parts),
+        request_counts=RequestCounts(total=len(items)),
+        callback_url=callback_url,
+    )
     body_print = fingerprint(body, callback_url or "")
     async with claim(res, "batches", idempotency_key, body_print, batch.id, caller) as claimed:
         if claimed.replay_of is not None:

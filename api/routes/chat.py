@@ -183,11 +183,11 @@ async def chat_completions(
     await require_ready_worker(res)
     await backpressure.admit_interactive(res)
     if body.stream:
-        job = await jobs.submit(res, jobs.new_job(chat), interactive=True, watch=True)
+        job = await jobs.submit(res, jobs.new_job(res, chat), interactive=True, watch=True)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         stream = ChatStream(res, job.id, body.model, include_usage)
         return event_stream(stream.events())
-    job = jobs.new_job(chat)
+    job = jobs.new_job(res, chat)
     done = await jobs.submit_and_wait(res, job, res.settings.sync_timeout_s)
     if not done.status.terminal:
         raise APIError(

@@ -41,7 +41,7 @@ async def create_job(
     """Queue a classification on the bulk lane; poll `Location` (or `?wait=`) for the verdict,
     or give a `callback_url` to have it POSTed to you (signed, per Standard Webhooks)."""
     await jobs.check_callback(res, body.callback_url)
-    job = jobs.new_job(body.classify_request(), callback_url=body.callback_url)
+    job = jobs.new_job(res, body.classify_request(), callback_url=body.callback_url)
     body_print = fingerprint(body.model_dump_json())
     async with claim(res, "jobs", idempotency_key, body_print, job.id, caller) as claimed:
         if claimed.replay_of is None:
@@ -153,10 +153,10 @@ async def classify(body: ClassifyCall, res: ResourcesDep, response: Response) ->
     await require_ready_worker(res)
     await backpressure.admit_interactive(res)
     if body.stream:
-        job = await jobs.submit(res, jobs.new_job(request), interactive=True, watch=True)
+        job = await jobs.submit(res, jobs.new_job(res, request), interactive=True, watch=True)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         return live.event_stream(events_of(res, job, None, owned=True), headers)
-    job = jobs.new_job(request)
+    job = jobs.new_job(res, request)
     done = await jobs.submit_and_wait(res, job, res.settings.sync_timeout_s)
     location = f"/v1/jobs/{job.id}"
     if not done.status.terminal:

@@ -21,6 +21,7 @@ import redis
 from httpx_sse import ServerSentEvent, connect_sse
 from openai import OpenAI
 
+from guardfleet import keys
 from tests.conftest import ApiServer, RedisServer, StartWorker, Worker, db_url, wait_until
 from tests.synthetic import random_gemma3
 
@@ -163,7 +164,7 @@ def test_a_slow_reader_gets_everything_and_does_not_hold_the_worker(
     with httpx.stream("POST", f"{noisy.url}/v1/chat/completions", json=body, timeout=120) as r:
         payloads = data_lines(r)
         first = json.loads(next(payloads))
-        job_key = f"guardfleet:job:{job_id_of(first['id'])}"
+        job_key = keys.job_key(job_id_of(first["id"]))
         # Read nothing more until the job has finished: the worker never waits for a reader.
         wait_until(lambda: client.hget(job_key, "status") == b"succeeded", 120, "the job to end")
         rest = list(payloads)
@@ -189,11 +190,11 @@ def test_a_disconnect_cancels_the_job_and_stops_its_row(
         for _ in range(5):
             next(payloads)
     # The connection is closed: the job is cancelled, and its row stops generating.
-    job_key = f"guardfleet:job:{job_id}"
+    job_key = keys.job_key(job_id)
     wait_until(lambda: client.hget(job_key, "status") == b"cancelled", 30, "the cancel")
     job = json.loads(client.hget(job_key, "doc") or b"{}")
     assert job["error"]["type"] == "client_disconnected"
-    stream = f"guardfleet:job:{job_id}:stream"
+    stream = keys.job_stream(job_id)
     wait_until(lambda: _stopped_growing(client, stream), 30, "the deltas to stop")
     last: Any = client.xrevrange(stream, count=2)
     tokens = max(int(fields.get(b"tokens", 0)) for _, fields in last)
@@ -317,7 +318,7 @@ def test_classify_stream_disconnect_cancels(noisy: ApiServer, redis_server: Redi
         for event in source.iter_sse():
             if event.event == "status" and json.loads(event.data)["status"] == "running":
                 break
-    key = f"guardfleet:job:{job_id}"
+    key = keys.job_key(job_id)
     wait_until(
         lambda: client.hget(key, "status") == b"cancelled",
         30,
@@ -352,7 +353,7 @@ def test_a_worker_killed_mid_stream_costs_the_reader_nothing(
     chunks += [json.loads(p) for p in rest[:-1]]
     assert "error" not in chunks[-1], chunks[-1]
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    job = json.loads(client.hget(f"guardfleet:job:{job_id_of(chunks[0]['id'])}", "doc") or b"{}")
+    job = json.loads(client.hget(keys.job_key(job_id_of(chunks[0]["id"])), "doc") or b"{}")
     assert job["attempts"] >= 2, "the worker finished before it was killed: nothing was tested"
     assert content == job["result"]["text"]
     assert re.search(r"\S", content)
@@ -386,7 +387,7 @@ def test_a_stream_without_progress_times_out_and_cancels_its_job(
         worker.process.send_signal(signal.SIGCONT)
     assert [e.event for e in seen] == ["status", "error"]
     assert json.loads(seen[-1].data)["error"]["code"] == "sync_timeout"
-    job = json.loads(client.hget(f"guardfleet:job:{job_id}", "doc") or b"{}")
+    job = json.loads(client.hget(keys.job_key(job_id), "doc") or b"{}")
     assert job["status"] == "cancelled" and job["error"]["type"] == "stream_timeout"
     assert chunks[-1] == "[DONE]"
     assert json.loads(chunks[-2])["error"]["code"] == "sync_timeout"

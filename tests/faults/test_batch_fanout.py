@@ -13,17 +13,20 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from guardfleet.keys import (
-    BATCHES_DUE,
     BATCHES_PENDING,
     QUEUE_BULK,
     batch_fanout_key,
     batch_jobs_key,
     batch_upload_key,
+    batches_due,
     job_key,
 )
 from guardfleet.queueing import message_job_id
 from guardfleet.settings import Settings
 from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+BATCHES_DUE = batches_due("00")
 
 ITEMS = 20_000
 LEASE_S = {signal.SIGKILL: 2, signal.SIGTERM: 120}

@@ -16,13 +16,16 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from guardfleet.fanout import FanOut
-from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, batch_jobs_key
+from guardfleet.keys import QUEUE_BULK, batch_jobs_key, open_jobs
 from guardfleet.queueing import make_celery, message_job_id
 from guardfleet.replies import as_text
 from guardfleet.settings import Settings
 from tests.conftest import ApiServer, RedisServer, StartWorker, Worker, db_url, url_of, wait_until
 from tests.faults.conftest import WEBHOOK_ENV, CountingReceiver, KillableRedis
 from worker.reconcile import Reconciler
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+OPEN_JOBS = open_jobs("00")
 
 STORE_DB = 51
 
@@ -64,7 +67,7 @@ def test_a_submit_the_broker_refuses_leaves_no_job(
         assert refused.status_code == 503, refused.text
         assert "retry-after" in refused.headers
         # Answered 503, so it must never run: no record, nothing for the stale sweep.
-        assert store.keys("guardfleet:job:*") == []
+        assert store.keys("guardfleet:*:job:*") == []
         assert store.zcard(OPEN_JOBS) == 0
         accepted = client.post("/v1/jobs", json={"prompt": "How do I descale a kettle?"})
     assert accepted.status_code == 202, accepted.text

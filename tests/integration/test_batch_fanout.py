@@ -11,15 +11,19 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from guardfleet.keys import (
-    BATCHES_DUE,
     BATCHES_PENDING,
     QUEUE_BULK,
-    STATS,
     batch_fanout_key,
     batch_upload_key,
+    batches_due,
+    stats,
 )
 from guardfleet.settings import Settings
 from tests.conftest import RedisServer, StartWorker, db_url, url_of, wait_until
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+STATS = stats("00")
+BATCHES_DUE = batches_due("00")
 
 
 def _lines(count: int, prompt: str = "How do I fold a fitted sheet?") -> str:
@@ -78,7 +82,7 @@ def test_accepting_a_batch_costs_the_same_few_commands_at_any_size(
     assert [a.json()["request_counts"]["total"] for a in answers] == [10, 20_000]
     assert costs[0] == costs[1] <= 20, costs
     assert plain.llen(QUEUE_BULK) == 0
-    assert not list(plain.scan_iter("guardfleet:job:*"))
+    assert not list(plain.scan_iter("guardfleet:*:job:*"))
     pending = [int(v) for v in plain.hvals(BATCHES_PENDING)]
     assert sorted(pending) == [1, 10, 20_000]
     assert plain.zcard(BATCHES_DUE) == 3

@@ -15,12 +15,15 @@ import pytest
 import redis
 
 from guardfleet import batches, webhooks
-from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, WEBHOOKS_DUE
+from guardfleet.keys import QUEUE_WEBHOOKS, TASK_DELIVER, batch_key, batch_state_key, webhooks_due
 from guardfleet.queueing import make_celery, publish_jobs, queue_for
 from guardfleet.schemas import Batch, ClassifyRequest, Job, JobStatus, RequestCounts, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import JobStore
 from tests.conftest import RedisServer, StartWorker, db_url, wait_until
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+WEBHOOKS_DUE = webhooks_due("00")
 
 DB = 25
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -144,9 +147,9 @@ def test_a_batch_webhook_lost_by_a_dying_worker_is_sent_on_redelivery(
     store = JobStore(client, 600)
     batch = Batch(callback_url=receiver.url("/ok/batch"), request_counts=RequestCounts(total=2))
     jobs = [Job(request=ClassifyRequest(prompt=f"hi {i}"), batch_id=batch.id) for i in range(2)]
-    client.set(f"guardfleet:batch:{batch.id}", batch.model_dump_json(), ex=600)
+    client.set(batch_key(batch.id), batch.model_dump_json(), ex=600)
     client.hset(
-        f"guardfleet:batch:{batch.id}:state",
+        batch_state_key(batch.id),
         mapping={"total": 2, "completed": 0, "failed": 0, "cancelled": 0, "status": "in_progress"},
     )
     # A worker finished both jobs and counted them, completing the batch, then died before it

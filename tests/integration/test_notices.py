@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import redis
 
-from guardfleet.keys import STATS
+from guardfleet.keys import stats
 from guardfleet.schemas import JobStatus
 from tests.conftest import StartWorker, queue_backlog, url_of, wait_until
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+STATS = stats("00")
 
 JOBS = 40
 

@@ -11,8 +11,11 @@ from collections.abc import Callable
 import httpx
 import redis
 
-from guardfleet.keys import BROKER_ID, QUEUE_BULK, QUEUE_INTERACTIVE, STATS
+from guardfleet.keys import BROKER_ID, QUEUE_BULK, QUEUE_INTERACTIVE, stats
 from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, url_of, wait_until
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+STATS = stats("00")
 
 STORE_DB = 50
 

@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from guardfleet.keys import OPEN_JOBS, QUEUE_BULK, QUEUE_INTERACTIVE, job_channel
+from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE, job_channel, job_key, open_jobs
 from guardfleet.queueing import (
     make_celery,
     message_job_id,
@@ -28,6 +28,9 @@ from guardfleet.settings import Settings
 from guardfleet.store import AsyncJobStore, JobStore, TransitionRefused
 from tests.conftest import RedisServer, db_url
 from worker.reconcile import Reconciler
+
+# The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
+OPEN_JOBS = open_jobs("00")
 
 DB = 24
 
@@ -125,11 +128,11 @@ def test_a_duplicate_message_cannot_take_a_running_job(store: JobStore) -> None:
     """A message re-published for a job that is only waiting (not lost) is dropped once the
     original has started the job; a message published after the run started may take over."""
     job = _new(store)
-    store.client.hincrby(f"guardfleet:job:{job.id}", "gen", 1)  # the reconciler re-published
+    store.client.hincrby(job_key(job.id), "gen", 1)  # the reconciler re-published
     _start(store, job, "a@test", "original", 1)
     with pytest.raises(TransitionRefused):
         _start(store, job, "b@test", "republished", 2)
-    store.client.hincrby(f"guardfleet:job:{job.id}", "gen", 1)  # the run itself went stale
+    store.client.hincrby(job_key(job.id), "gen", 1)  # the run itself went stale
     _start(store, job, "c@test", "republished-again", 3)
     assert _read(store, job).worker == "c@test"
 
@@ -192,7 +195,7 @@ def test_only_a_job_someone_waits_for_announces_its_end(store: JobStore) -> None
 
 def test_a_missing_job_is_not_created_by_waiting_for_it(store: JobStore) -> None:
     assert _get_waited(store, "job_missing") is None
-    assert store.client.exists("guardfleet:job:job_missing") == 0
+    assert store.client.exists(job_key("job_missing")) == 0
 
 
 def test_waiting_for_an_ended_job_writes_nothing(store: JobStore) -> None:
@@ -200,7 +203,7 @@ def test_waiting_for_an_ended_job_writes_nothing(store: JobStore) -> None:
     store.save(_succeeded(_start(store, job, "a@test", "task-1")))
     waited = _get_waited(store, job.id)
     assert waited is not None and waited.status is JobStatus.SUCCEEDED
-    assert store.client.hget(f"guardfleet:job:{job.id}", "waited") is None
+    assert store.client.hget(job_key(job.id), "waited") is None
 
 
 def test_the_reconciler_keeps_the_open_index_alive_while_jobs_run(store: JobStore) -> None:
@@ -249,7 +252,7 @@ def test_a_message_taken_by_a_worker_that_died_is_published_again_at_the_second_
     assert sweep.sweep() == 1
     lane = [message_job_id(m) for m in store.client.lrange(QUEUE_BULK, 0, -1)]
     assert lane == [lost.id, waiting.id]  # newest first: the lost job's new message, behind
-    assert store.client.hget(f"guardfleet:job:{lost.id}", "gen") == b"2"
+    assert store.client.hget(job_key(lost.id), "gen") == b"2"
     deadline = store.client.zscore(OPEN_JOBS, lost.id)
     assert deadline is not None and deadline > time.time() + store.stale_s - 5
     assert sweep.sweep() == 0 and sweep.sweep() == 0, "its new message waits; nothing is lost"
@@ -282,7 +285,7 @@ def test_a_lease_renewal_never_brings_back_an_ended_job(store: JobStore) -> None
 
 def test_a_cancelled_job_cannot_be_started(store: JobStore) -> None:
     job = _new(store)
-    store.client.hset(f"guardfleet:job:{job.id}", "status", JobStatus.CANCELLED.value)
+    store.client.hset(job_key(job.id), "status", JobStatus.CANCELLED.value)
     with pytest.raises(TransitionRefused):
         _start(store, job, "a@test", "task-1")
 
@@ -291,7 +294,7 @@ def test_transitions_read_status_without_the_document(store: JobStore) -> None:
     """The scripts must not parse the (possibly huge) document: a record whose document is not
     even JSON still changes status."""
     job = _new(store)
-    key = f"guardfleet:job:{job.id}"
+    key = job_key(job.id)
     store.client.hset(key, "doc", "x" * 200_000)
     with pytest.raises(ValidationError):  # only the reader in Python parses what it returns
         store.start(job.id, "task-1", 1, "a@test", utcnow())
