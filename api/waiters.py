@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from guardfleet.keys import PREFIX
+from guardfleet.redis_conn import initialize
 from guardfleet.replies import as_text
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Waiters:
     """The process's subscriber: `watch(channel)` gives an event set on each message."""
 
     def __init__(self, client: aioredis.Redis, confirm_timeout_s: float) -> None:
+        self._client = client
         self._pubsub = client.pubsub()
         self._confirm_timeout_s = confirm_timeout_s
         # Every channel subscribed, or about to be, or about to be left.
@@ -134,6 +136,7 @@ class Waiters:
         again every channel it knew; channels left meanwhile are dropped, and channels whose
         SUBSCRIBE never went out are sent."""
         async with self._lock:
+            await initialize(self._client)
             await self._pubsub.subscribe(_ANCHOR)
             known = {as_text(c) for c in self._pubsub.channels}
             strays = known - self._channels.keys() - {_ANCHOR}

@@ -33,6 +33,7 @@ from guardfleet.keys import (
     job_key,
     stats,
 )
+from guardfleet.redis_conn import eval_many, initialize
 from guardfleet.replies import as_text
 from guardfleet.schemas import (
     Batch,
@@ -115,14 +116,8 @@ def record_progress(client: redis.Redis, job: Job, ttl_s: int) -> int:
 
 def record_progress_many(client: redis.Redis, jobs: Sequence[Job], ttl_s: int) -> list[int]:
     """`record_progress` for many jobs in one round trip."""
-    if not jobs:
-        return []
-    script = client.register_script(_PROGRESS)
-    with client.pipeline(transaction=False) as pipe:
-        for job in jobs:
-            keys, args = _progress_args(job, ttl_s)
-            script(keys=keys, args=args, client=pipe)
-        return [int(code) for code in pipe.execute()]
+    calls = [_progress_args(job, ttl_s) for job in jobs]
+    return [int(code) for code in eval_many(client, client.register_script(_PROGRESS), calls)]
 
 
 def get_batch(client: redis.Redis, batch_id: str) -> Batch | None:
@@ -161,6 +156,7 @@ class AsyncBatchStore:
         """Store the batch and its checked upload in one transaction, due for fan-out now, then
         count its items as pending (a fleet-wide hash, outside the batch's part)."""
         ttl, total, tag = self.ttl_s, batch.request_counts.total, id_tag(batch.id)
+        await initialize(self.client)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(batch_key(batch.id), batch.model_dump_json(), ex=ttl)
             pipe.hset(

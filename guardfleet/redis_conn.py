@@ -1,6 +1,6 @@
 """Redis clients for the job store (`GUARDFLEET_REDIS_URL`) and the broker
 (`GUARDFLEET_BROKER_URL`, by default the same server): each a plain Redis, or one behind Redis
-Sentinel.
+Sentinel; the job store may also be a Redis Cluster (`GUARDFLEET_REDIS_CLUSTER`).
 
 With `sentinel://host:26379;sentinel://host2:26379/0` (kombu's form: one URL per sentinel, joined
 by `;`, the database on the last) and a master name, every client asks the sentinels for the
@@ -10,13 +10,19 @@ kombu's sentinel transport.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlparse
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as async_cluster
 import redis.asyncio.sentinel as async_sentinel
+import redis.cluster
 import redis.sentinel
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+from redis.typing import EncodableT
 
 from guardfleet.settings import Settings
 
@@ -53,6 +59,9 @@ def connect(settings: Settings, broker: bool = False) -> redis.Redis:
     timeouts."""
     url, master_name = _server(settings, broker)
     options = _timeouts(settings)
+    if settings.redis_cluster and not broker:
+        # Typed as the plain client: the store calls only what both have.
+        return cast(redis.Redis, redis.cluster.RedisCluster.from_url(url, **options))
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
     addresses, db, password = parse_sentinels(url)
@@ -83,6 +92,9 @@ def connect_async(settings: Settings, client_name: str, broker: bool = False) ->
         "socket_connect_timeout": settings.redis_timeout_s,
         "client_name": client_name,  # tells the API's connections apart in CLIENT LIST
     }
+    if settings.redis_cluster and not broker:
+        del options["timeout"]  # a pool option; the cluster client keeps a pool per node
+        return cast(aioredis.Redis, async_cluster.RedisCluster.from_url(url, **options))
     if not is_sentinel(url):
         pool = aioredis.BlockingConnectionPool.from_url(url, **options)
         return aioredis.Redis.from_pool(pool)
@@ -117,3 +129,43 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         "master_name": settings.broker_master,
         "sentinel_kwargs": _timeouts(settings),
     }
+
+
+async def initialize(client: aioredis.Redis) -> None:
+    """Learn a Redis Cluster's slots now, if `client` is one. redis-py 8.1's asyncio cluster
+    client does so at its first command, but not before a transaction or a subscription (which
+    then fail), so the callers of those call this first; it costs nothing once done."""
+    if isinstance(client, async_cluster.RedisCluster):
+        await client.initialize()
+
+
+def eval_many(
+    client: redis.Redis, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]]
+) -> list[Any]:
+    """Run `script` once per (keys, args) in one pipeline; the replies in order.
+
+    Sent as plain `EVALSHA` commands: redis-py 8.1 refuses a script object's call in a Redis
+    Cluster pipeline, and this also spares a plain Redis the `SCRIPT EXISTS` that such a call
+    costs. Calls the server did not know the script for (restarted, failed over) are run again
+    once it is loaded; nothing that ran is run twice."""
+    results: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        with client.pipeline(transaction=False) as pipe:
+            for i in todo:
+                keys, args = calls[i]
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+            replies = pipe.execute(raise_on_error=False)
+        missing = []
+        for i, reply in zip(todo, replies, strict=True):
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                missing.append(i)
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                results[i] = reply
+        if not missing:
+            break
+        client.script_load(script.script)
+        todo = missing
+    return results

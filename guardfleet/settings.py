@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         description="the Celery broker's Redis when it is not the job store's: the lanes' "
         "message lists live there, everything else on GUARDFLEET_REDIS_URL; empty: the same",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="the job store is a Redis Cluster: GUARDFLEET_REDIS_URL names any of its "
+        "nodes (database 0); needs GUARDFLEET_BROKER_URL, since Celery's broker cannot use one",
+    )
     broker_sentinel_master: str = Field(
         "", description="with a sentinel:// broker URL: its master name (default: the store's)"
     )
@@ -222,6 +227,16 @@ class Settings(BaseSettings):
                 "a sentinel:// broker_url needs GUARDFLEET_BROKER_SENTINEL_MASTER (or "
                 "GUARDFLEET_REDIS_SENTINEL_MASTER)"
             )
+        if self.redis_cluster:
+            if urlparse(self.redis_url).scheme not in ("redis", "rediss"):
+                raise ValueError("GUARDFLEET_REDIS_CLUSTER needs a redis:// or rediss:// URL")
+            if urlparse(self.redis_url).path.strip("/") not in ("", "0"):
+                raise ValueError("a Redis Cluster has database 0 only")
+            if not self.separate_broker:
+                raise ValueError(
+                    "GUARDFLEET_REDIS_CLUSTER needs GUARDFLEET_BROKER_URL: Celery's broker "
+                    "cannot use a Redis Cluster"
+                )
         if self.max_batch_items > self.max_queued_bulk:
             raise ValueError("max_batch_items must not exceed max_queued_bulk (no batch could fit)")
         if self.heartbeat_interval_s >= self.heartbeat_ttl_s:

@@ -54,6 +54,7 @@ from guardfleet.keys import (
     open_jobs,
     stats,
 )
+from guardfleet.redis_conn import eval_many, initialize
 from guardfleet.replies import optional_text
 from guardfleet.schemas import Job, JobStatus
 
@@ -325,13 +326,8 @@ class JobStore:
     def save_many(self, jobs: Sequence[Job]) -> list[bool]:
         """Changes made for the API (a batch's queued items cancelled), many in one round
         trip, no attempt required; True where the change was made."""
-        if not jobs:
-            return []
-        with self.client.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                keys, args = _end_args(job, self.ttl_s, None)
-                self._end(keys=keys, args=args, client=pipe)
-            return [int(code) == 1 for code in pipe.execute()]
+        calls = [_end_args(job, self.ttl_s, None) for job in jobs]
+        return [int(code) == 1 for code in eval_many(self.client, self._end, calls)]
 
 
 class AsyncJobStore:
@@ -400,6 +396,7 @@ class AsyncJobStore:
             # Not accepted, so it must not run later: if the push landed after all (its reply
             # lost), the message finds no job and is dropped.
             with contextlib.suppress(redis.RedisError):
+                await initialize(self.client)
                 async with self.client.pipeline(transaction=True) as pipe:
                     pipe.delete(job_key(job.id))
                     pipe.zrem(open_jobs(tag), job.id)

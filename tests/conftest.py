@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 
 from guardfleet.keys import worker_key
 from guardfleet.queueing import make_celery, publish_jobs, queue_for
@@ -133,7 +134,9 @@ class Worker:
     extra: dict[str, str] = field(default_factory=dict)
 
     def heartbeat(self) -> dict[str, object] | None:
-        raw = redis.Redis.from_url(self.redis_url).get(worker_key(self.name))
+        plain = self.extra.get("GUARDFLEET_REDIS_CLUSTER") != "true"
+        client = redis.Redis if plain else redis.cluster.RedisCluster
+        raw = client.from_url(self.redis_url).get(worker_key(self.name))
         return None if raw is None else dict(json.loads(raw))
 
     def wait_ready(self, timeout: float = 120) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import redis
 
+from guardfleet.redis_conn import eval_many
 from guardfleet.replies import as_text
 
 # Take up to ARGV[3] entries due by ARGV[1], leasing each until ARGV[2].
@@ -36,7 +37,5 @@ class DueSet:
         args = [now, now + lease_s, limit]
         if len(self.keys) == 1:
             return [as_text(m) for m in self._take(keys=self.keys, args=args)]
-        with self.client.pipeline(transaction=False) as pipe:
-            for key in self.keys:
-                self._take(keys=[key], args=args, client=pipe)
-            return [as_text(m) for due in pipe.execute() for m in due]
+        replies = eval_many(self.client, self._take, [([key], args) for key in self.keys])
+        return [as_text(m) for due in replies for m in due]

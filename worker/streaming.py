@@ -160,7 +160,8 @@ class Publisher:
                 fields = streams.text_fields(tap.attempt, offset, text, tokens, newest)
                 pipe.xadd(key, fields, maxlen=streams.MAX_ENTRIES, approximate=True)
                 pipe.expire(key, streams.TTL_S)
-                pipe.publish(job_stream_channel(tap.job_id), "text")
+                # As a plain command: redis-py refuses PUBLISH in a Redis Cluster pipeline.
+                pipe.execute_command("PUBLISH", job_stream_channel(tap.job_id), "text")  # type: ignore[no-untyped-call]
                 writes.append((tap, text, tokens))
             if writes:
                 pipe.execute()

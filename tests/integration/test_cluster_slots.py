@@ -77,10 +77,46 @@ def _answers(client: redis.Redis) -> bool:
         return False
 
 
-def _cross_slot_refusals(url: str) -> int:
-    """How many commands the server refused for keys of two slots, since it started."""
-    stats = redis.Redis.from_url(url).info("errorstats")
-    return int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
+@pytest.fixture(scope="module")
+def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Three masters sharing the slots: the URLs of their nodes, the first one the seed."""
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    procs, ports, buses = [], [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    for port, bus in zip(ports, buses, strict=True):
+        workdir = tmp_path_factory.mktemp(f"node{port}")
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--dir", str(workdir), "--cluster-enabled", "yes", "--cluster-port", str(bus)]
+        argv += ["--cluster-config-file", str(workdir / "nodes.conf")]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+    nodes = [redis.Redis(port=port) for port in ports]
+    for node in nodes:
+        wait_until(lambda node=node: _answers(node), 10, "a cluster node")  # type: ignore[misc]
+    for i, node in enumerate(nodes):
+        node.cluster("ADDSLOTSRANGE", i * 5462, min(16383, (i + 1) * 5462 - 1))
+    for port, bus in zip(ports[1:], buses[1:], strict=True):
+        nodes[0].cluster("MEET", "127.0.0.1", port, bus)
+    wait_until(
+        lambda: (
+            all(n.cluster("INFO")["cluster_state"] == "ok" for n in nodes)
+            and all(int(n.cluster("INFO")["cluster_known_nodes"]) == 3 for n in nodes)
+        ),
+        30,
+        "the three-node cluster",
+    )
+    yield [f"redis://127.0.0.1:{port}/0" for port in ports]
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _cross_slot_refusals(*urls: str) -> int:
+    """How many commands the servers refused for keys of two slots, since they started."""
+    found = 0
+    for url in urls:
+        stats = redis.Redis.from_url(url).info("errorstats")
+        found += int(stats.get("errorstat_CROSSSLOT", {}).get("count", 0))
+    return found
 
 
 def _job_lifecycle(url: str, _: str) -> None:
@@ -196,25 +232,53 @@ def test_store_operations_on_a_cluster(
     assert _cross_slot_refusals(cluster_url) == before
 
 
+@pytest.fixture(params=["one node holding every slot", "three nodes, cluster clients"])
+def store_nodes(request: pytest.FixtureRequest) -> tuple[list[str], dict[str, str]]:
+    """The store's nodes (the first one named in GUARDFLEET_REDIS_URL) and the settings for
+    them: one cluster-mode server reached with plain clients, or a real cluster."""
+    if request.param.startswith("one"):
+        return [request.getfixturevalue("cluster_url")], {}
+    return request.getfixturevalue("real_cluster"), {"GUARDFLEET_REDIS_CLUSTER": "true"}
+
+
 def test_a_fleet_on_a_cluster_mode_store(
-    cluster_url: str,
+    store_nodes: tuple[list[str], dict[str, str]],
     private_redis: redis.Redis,
     start_worker: StartWorker,
     start_api: Callable[..., ApiServer],
 ) -> None:
-    """Every path a job takes, with the store spread over 16 parts of a cluster-mode Redis."""
-    redis.Redis.from_url(cluster_url).flushdb()  # what the operations above left
-    before = _cross_slot_refusals(cluster_url)
+    """Every path a job takes, with the store spread over 16 parts of a cluster."""
+    nodes, cluster_env = store_nodes
+    for node in nodes:
+        redis.Redis.from_url(node).flushall()  # what earlier tests left
+    before = _cross_slot_refusals(*nodes)
     env = {
         "GUARDFLEET_BROKER_URL": url_of(private_redis),
         "GUARDFLEET_STORE_PARTS": str(PARTS),
         "GUARDFLEET_WEBHOOK_SECRETS": SECRET,
         "GUARDFLEET_WEBHOOK_ALLOW": "127.0.0.1",
+        **cluster_env,
     }
-    api = start_api(url=cluster_url, **env)
+    seed = nodes[0]
+    api = start_api(url=seed, **env)
     http = httpx.Client(base_url=api.url, timeout=60)
-    worker = start_worker("cluster@test", url=cluster_url, **env)
-    start_worker("cluster-hooks@test", wait=False, url=cluster_url, module="worker.delivery", **env)
+    start_worker("cluster-hooks@test", wait=False, url=seed, module="worker.delivery", **env)
+    # A batch fanned out with no GPU worker yet, then cancelled: its queued items are cancelled
+    # by the delivery worker in pipelined scripts.
+    lines = "".join(json.dumps({"custom_id": f"i{n}", "prompt": "Hi"}) + "\n" for n in range(5))
+    doomed = http.post("/v1/batches", content=lines).json()
+    wait_until(
+        lambda: http.get(f"/v1/batches/{doomed['id']}").json()["status"] == "in_progress",
+        60,
+        "the batch to be fanned out",
+    )
+    assert http.post(f"/v1/batches/{doomed['id']}/cancel").status_code == 200
+    wait_until(
+        lambda: http.get(f"/v1/batches/{doomed['id']}").json()["request_counts"]["cancelled"] == 5,
+        60,
+        "the batch's queued items to be cancelled",
+    )
+    worker = start_worker("cluster@test", url=seed, **env)
     try:
         with webhook_receiver(200) as (hook, received):
             ids = [
@@ -234,7 +298,6 @@ def test_a_fleet_on_a_cluster_mode_store(
             json={"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "stream": True},
         )
         assert chat.status_code == 200 and "[DONE]" in chat.text, chat.text
-        lines = "".join(json.dumps({"custom_id": f"i{n}", "prompt": "Hi"}) + "\n" for n in range(5))
         batch = http.post("/v1/batches", content=lines).json()
         wait_until(
             lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
@@ -250,7 +313,10 @@ def test_a_fleet_on_a_cluster_mode_store(
         worker.stop()
     assert len({id_tag(job_id) for job_id in ids}) > 1, "new ids are spread over the parts"
     assert {id_tag(job_id) for job_id in ids} <= set(part_tags(PARTS))
-    assert _cross_slot_refusals(cluster_url) == before
+    assert _cross_slot_refusals(*nodes) == before
+    if len(nodes) > 1:
+        holding = [node for node in nodes if redis.Redis.from_url(node).dbsize() > 0]
+        assert len(holding) > 1, "the parts spread over the nodes"
 
 
 def test_a_one_node_cluster_refuses_keys_of_two_slots(cluster_url: str) -> None:

@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE, job_channel, job_key, open_jobs
+from guardfleet.keys import QUEUE_BULK, QUEUE_INTERACTIVE, job_channel, job_key, open_jobs, stats
 from guardfleet.queueing import (
     make_celery,
     message_job_id,
@@ -27,10 +27,12 @@ from guardfleet.schemas import ClassifyRequest, Job, JobStatus, utcnow
 from guardfleet.settings import Settings
 from guardfleet.store import AsyncJobStore, JobStore, TransitionRefused
 from tests.conftest import RedisServer, db_url
+from worker.leases import DueSet
 from worker.reconcile import Reconciler
 
 # The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
 OPEN_JOBS = open_jobs("00")
+STATS = stats("00")
 
 DB = 24
 
@@ -330,3 +332,26 @@ def test_the_api_builds_the_message_kombu_would_publish(redis_server: RedisServe
     assert embed == json.loads(base64.b64decode(kombus["body"]))[2]
     assert ours["headers"]["argsrepr"] == "['job_ours']"
     assert message_sent_at(raw) is not None and message_sent_at(json.dumps(ours)) is not None
+
+
+def test_pipelined_scripts_survive_a_server_that_forgot_them(store: JobStore) -> None:
+    """Scripts run in a pipeline are sent as bare EVALSHA (a Redis Cluster pipeline takes no
+    script objects): after SCRIPT FLUSH (a restart, a failover) the calls the server refused
+    run again once the script is loaded, and none that ran runs twice."""
+    jobs = [_new(store) for _ in range(3)]
+    store.client.script_flush()
+    cancelled = [
+        job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": utcnow()})
+        for job in jobs
+    ]
+    assert store.save_many(cancelled) == [True, True, True]
+    assert store.save_many(cancelled) == [False, False, False]  # each ended once
+    assert int(store.client.hget(STATS, "jobs_ended:cancelled") or 0) == 3
+
+    tags = ["00", "01"]
+    due = DueSet(store.client, [f"guardfleet:{{{tag}}}:test:due" for tag in tags])
+    for tag in tags:
+        store.client.zadd(f"guardfleet:{{{tag}}}:test:due", {f"m{tag}": 0})
+    store.client.script_flush()
+    assert sorted(due.take_due(60)) == ["m00", "m01"]
+    assert due.take_due(60) == []  # leased, not taken again

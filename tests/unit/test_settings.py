@@ -101,3 +101,14 @@ def test_the_broker_is_the_store_unless_configured_apart() -> None:
         redis_url=url, redis_sentinel_master="store", broker_url=url, broker_sentinel_master="mq"
     )
     assert (two.separate_broker, broker_options(two)["master_name"]) == (True, "mq")
+
+
+def test_a_cluster_store_needs_a_broker_apart_and_database_0() -> None:
+    apart = {"redis_cluster": True, "broker_url": "redis://broker:6379/0"}
+    assert Settings(redis_url="redis://node1:7000", **apart).redis_cluster
+    with pytest.raises(ValidationError, match="needs GUARDFLEET_BROKER_URL"):
+        Settings(redis_url="redis://node1:7000", redis_cluster=True)
+    with pytest.raises(ValidationError, match="database 0 only"):
+        Settings(redis_url="redis://node1:7000/3", **apart)
+    with pytest.raises(ValidationError, match="redis:// or rediss://"):
+        Settings(redis_url="sentinel://s1:26379", redis_sentinel_master="m", **apart)
