@@ -104,11 +104,16 @@ def test_the_broker_is_the_store_unless_configured_apart() -> None:
 
 
 def test_a_cluster_store_needs_a_broker_apart_and_database_0() -> None:
-    apart = {"redis_cluster": True, "broker_url": "redis://broker:6379/0"}
-    assert Settings(redis_url="redis://node1:7000", **apart).redis_cluster
+    broker = "redis://broker:6379/0"
+    assert Settings(redis_url="redis://node1:7000", redis_cluster=True, broker_url=broker)
     with pytest.raises(ValidationError, match="needs GUARDFLEET_BROKER_URL"):
         Settings(redis_url="redis://node1:7000", redis_cluster=True)
     with pytest.raises(ValidationError, match="database 0 only"):
-        Settings(redis_url="redis://node1:7000/3", **apart)
+        Settings(redis_url="redis://node1:7000/3", redis_cluster=True, broker_url=broker)
     with pytest.raises(ValidationError, match="redis:// or rediss://"):
-        Settings(redis_url="sentinel://s1:26379", redis_sentinel_master="m", **apart)
+        Settings(
+            redis_url="sentinel://s1:26379",
+            redis_sentinel_master="m",
+            redis_cluster=True,
+            broker_url=broker,
+        )
