@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from api.main import REDIS_CLIENT_NAME  # noqa: E402
-from guardfleet.keys import batch_fanout_key, job_channel, stats, worker_key  # noqa: E402
+from guardfleet.keys import batch_fanout_key, job_channel, part_tags, stats, worker_key  # noqa: E402
 from ops.bench import free_port, machine, reproduce, wait_for, write_results  # noqa: E402
 
 IDLE_S = 5
@@ -85,6 +85,8 @@ class Stack:
             "GUARDFLEET_STORE_PARTS": str(parts),
             "HF_HUB_OFFLINE": "1",
         }
+        self.parts = parts
+        self.checks = 0  # the commands `_succeeded` sent: taken out of the parts' counts
         self.procs: list[subprocess.Popen[bytes]] = []
         self.api: subprocess.Popen[bytes] | None = None
 
@@ -519,11 +521,12 @@ def parts_cost(args: argparse.Namespace) -> list[str]:
                 before = commands(stack.redis)
                 time.sleep(2 * IDLE_S)
                 idle = per_job(before, commands(stack.redis), 2 * IDLE_S)
-                before = commands(stack.redis)
+                before, checks = commands(stack.redis), stack.checks
                 ids, _ = accept(stack.api_port, args.apart_jobs, 16)
                 _until_succeeded(stack, len(ids))
                 asyncio.run(poll_each(stack.api_port, ids))
                 job = per_job(before, commands(stack.redis), len(ids))
+                job[0] -= (stack.checks - checks) / len(ids)
                 for proc in (worker, delivery):
                     proc.terminate()
                     proc.wait(timeout=60)
@@ -560,9 +563,14 @@ def _until_succeeded(stack: Stack, jobs: int) -> None:
 
 
 def _succeeded(stack: Stack) -> int:
-    """Jobs ended `succeeded` so far: one command, where reading each job would add dozens of
-    commands per job to the very counts being measured. The stack runs the store in one part."""
-    return int(stack.redis.hget(stats("00"), "jobs_ended:succeeded") or 0)
+    """Jobs ended `succeeded` so far: one command a part, where reading each job would add
+    dozens of commands per job to the very counts being measured."""
+    with stack.redis.pipeline(transaction=False) as pipe:
+        for tag in part_tags(stack.parts):
+            pipe.hget(stats(tag), "jobs_ended:succeeded")
+        found = pipe.execute()
+    stack.checks += stack.parts
+    return sum(int(n or 0) for n in found)
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ multi-key command whose keys hash to different slots (CROSSSLOT), exactly as a r
 does, while a plain client still reaches every key. So the store's operations run against one,
 each alone and then all together as a fleet (API, GPU worker and delivery worker, with the
 broker on a plain Redis as a cluster needs: kombu does not speak Redis Cluster), and the server's
-own error count must show no cross-slot refusal, even one a retry loop swallowed. (One node does
-not catch a script touching a key it was not given: that needs a real cluster.)
+own error count must show no cross-slot refusal, even one a retry loop swallowed.
+
+One node does not catch a script touching a key it was not given, nor a client that assumes one
+server: so the fleet runs again on a real three-node cluster, with `GUARDFLEET_REDIS_CLUSTER`.
 """
 
 from __future__ import annotations
