@@ -192,5 +192,14 @@ def batch_done_key(batch_id: str) -> str:
     return f"{batch_key(batch_id)}:done"
 
 
+# The fleet-wide sets of the layout before parts, which nothing reads any more: a worker that
+# finds them not empty says what an upgrade without draining left behind (README, "Upgrading").
+OLD_LAYOUT = {
+    "open jobs": f"{PREFIX}:jobs:open",
+    "webhooks due": f"{PREFIX}:webhooks:due",
+    "batches not yet queued": f"{PREFIX}:batches:due",
+}
+
+
 def idempotency_key(scope: str, key: str) -> str:
     return f"{PREFIX}:idem:{scope}:{key}"

@@ -41,6 +41,7 @@ import redis
 
 from guardfleet.keys import (
     GPU_QUEUES,
+    OLD_LAYOUT,
     QUEUE_BULK,
     TASK_RUN_JOB,
     id_tag,
@@ -77,6 +78,15 @@ redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 return {redis.call('HINCRBY', KEYS[1], 'gen', 1), h[2] or ARGV[5]}
 """
 Seen = tuple[str, float]  # a queued job's message gen and deadline, as a sweep read them
+
+
+def left_by_an_older_version(client: redis.Redis) -> dict[str, int]:
+    """What the fleet-wide sets of the layout before parts still hold (`keys.OLD_LAYOUT`)."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in OLD_LAYOUT.values():
+            pipe.zcard(key)
+        counts = pipe.execute()
+    return {what: int(n) for what, n in zip(OLD_LAYOUT, counts, strict=True) if n}
 
 
 def _job_keys(job_id: str) -> list[str]:
@@ -119,6 +129,13 @@ class Reconciler:
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
 
     def start(self) -> None:
+        left = left_by_an_older_version(self.client)
+        if left:
+            log.error(
+                "the store holds %s under the key names of a version before the store's parts; "
+                "this version never reads them (drain a fleet before upgrading: README)",
+                ", ".join(f"{count} {what}" for what, count in left.items()),
+            )
         self._thread.start()
 
     def stop(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections import Counter
 from typing import Any
@@ -355,3 +356,23 @@ def test_pipelined_scripts_survive_a_server_that_forgot_them(store: JobStore) ->
     store.client.script_flush()
     assert sorted(due.take_due(60)) == ["m00", "m01"]
     assert due.take_due(60) == []  # leased, not taken again
+
+
+def test_a_worker_says_what_an_upgrade_without_draining_left(
+    store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys written before the store had parts are never read again: a worker starting on such
+    a store says how many open jobs and webhooks they hold, instead of leaving them silently."""
+    app = make_celery(Settings())
+    quiet = Reconciler(store.client, app.send_task, stale_s=60, ttl_s=60, every_s=3600)
+    with caplog.at_level(logging.ERROR, logger="worker.reconcile"):
+        quiet.start()
+        quiet.stop()
+    assert caplog.records == []
+    store.client.zadd("guardfleet:jobs:open", {"job_a1": 1.0, "job_b2": 2.0})
+    store.client.zadd("guardfleet:webhooks:due", {"job_a1": 1.0})
+    loud = Reconciler(store.client, app.send_task, stale_s=60, ttl_s=60, every_s=3600)
+    with caplog.at_level(logging.ERROR, logger="worker.reconcile"):
+        loud.start()
+        loud.stop()
+    assert "2 open jobs, 1 webhooks due under the key names of a version" in caplog.text
