@@ -15,6 +15,7 @@ waiter is woken once, since messages may have been published while the connectio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from guardfleet.keys import PREFIX
-from guardfleet.redis_conn import initialize
+from guardfleet.redis_conn import initialize, subscriber_elsewhere
 from guardfleet.replies import as_text
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Waiters:
         self._lock = asyncio.Lock()  # one flush or reconnect at a time
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
+        self._losses = 0  # connections lost so far
 
     async def start(self) -> None:
         """Connect lazily: an API started while Redis is down comes up and answers 503s."""
@@ -137,6 +139,10 @@ class Waiters:
         SUBSCRIBE never went out are sent."""
         async with self._lock:
             await initialize(self._client)
+            if self._losses and (moved := subscriber_elsewhere(self._client, self._losses)):
+                old, self._pubsub = self._pubsub, moved
+                with contextlib.suppress(Exception):  # its node is away: nothing to tell it
+                    await old.aclose()  # type: ignore[no-untyped-call]
             await self._pubsub.subscribe(_ANCHOR)
             known = {as_text(c) for c in self._pubsub.channels}
             strays = known - self._channels.keys() - {_ANCHOR}
@@ -158,6 +164,7 @@ class Waiters:
                 if connected:
                     log.warning("waiters: lost the Redis pub/sub connection; reconnecting")
                 connected = False
+                self._losses += 1
                 await asyncio.sleep(_RETRY_S)
                 continue
             if message is not None:

@@ -139,6 +139,17 @@ async def initialize(client: aioredis.Redis) -> None:
         await client.initialize()
 
 
+def subscriber_elsewhere(client: aioredis.Redis, turn: int) -> Any | None:
+    """For a Redis Cluster, a new pub/sub on its `turn`-th node (counting round), to move a
+    subscription off a node that stopped answering: redis-py's cluster pub/sub stays with the
+    node it first connected to, dead or not. Any node will do, since a classic `PUBLISH`
+    reaches every node. None for one Redis, whose pub/sub reconnects by itself."""
+    if not isinstance(client, async_cluster.RedisCluster):
+        return None
+    nodes = client.get_nodes()
+    return client.pubsub(node=nodes[turn % len(nodes)]) if nodes else None
+
+
 def eval_many(
     client: redis.Redis, script: Script, calls: Sequence[tuple[Sequence[str], Sequence[EncodableT]]]
 ) -> list[Any]:
