@@ -245,15 +245,10 @@ return r
 def set_deadlines(client: redis.Redis, job_ids: Collection[str], deadline: float) -> None:
     """Move open jobs' deadlines in the open index. Only ids still in the index are touched: a
     job that ended meanwhile stays out."""
-    groups = by_tag(job_ids)
-    if len(groups) == 1:
-        [(tag, ids)] = groups.items()
-        client.zadd(open_jobs(tag), dict.fromkeys(ids, deadline), xx=True)
-    elif groups:
-        with client.pipeline(transaction=False) as pipe:
-            for tag, ids in groups.items():
-                pipe.zadd(open_jobs(tag), dict.fromkeys(ids, deadline), xx=True)
-            pipe.execute()
+    with client.pipeline(transaction=False) as pipe:  # one round trip, one command a part
+        for tag, ids in by_tag(job_ids).items():
+            pipe.zadd(open_jobs(tag), dict.fromkeys(ids, deadline), xx=True)
+        pipe.execute()
 
 
 class JobStore:

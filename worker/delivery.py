@@ -4,13 +4,16 @@ fans batches out.
 Batches: a thread takes stored batches from their parts' due sets with a lease and queues their
 items (`guardfleet.batches.FanOut`); the lease is renewed with every chunk, so a worker that dies
 mid-batch leaves it to the next sweep of any delivery worker, which resumes at the cursor.
+
 Webhooks: it consumes the `webhooks` queue, one attempt per task, and runs a small thread (the
-sweeper) that moves deliveries whose time has come from the outbox (a Redis sorted set) onto the
-queue. A due entry is *leased* (pushed GUARDFLEET_WEBHOOK_LEASE_S into the future) rather than
-removed when it is queued, so a crash between taking it and queueing it, or a lost task, only
-delays the attempt; the task settles the entry (next attempt's time, or removed) once it has
-recorded it.  Copies of one delivery's task (a lease that ran out behind a backlog, a redelivered
-message) are harmless: an attempt runs only under the delivery's lock and only once it is due.
+sweeper) that moves deliveries whose time has come from the outbox (a Redis sorted set per part)
+onto the queue. A due entry is *leased* (pushed GUARDFLEET_WEBHOOK_LEASE_S into the future)
+rather than removed when it is queued, so a crash between taking it and queueing it, or a lost
+task, only delays the attempt; the task settles the entry (next attempt's time, or removed) once
+it has recorded it.
+
+Copies of one delivery's task (a lease that ran out behind a backlog, a redelivered message)
+are harmless: an attempt runs only under the delivery's lock and only once it is due.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@ therefore in its part's open index (`keys.open_jobs`) with a deadline (`GUARDFLE
 after it was queued; once started, a lease that its worker renews with each heartbeat, so the
 jobs of a worker that died come back within twice the heartbeat's TTL), and each GPU worker runs
 this sweep over every part: a job past its deadline gets a new message (its `gen` goes up) and a
-new deadline.
-Duplicates are harmless: a message starts a job only if the job is queued, or if it is the
-message that started the current run, or newer than that run (see `guardfleet.store`), so an
-original message that was merely slow is dropped once another has started the job.
+new deadline. Duplicates are harmless: a message starts a job only if the job is queued, or if it
+is the message that started the current run, or newer than that run (see `guardfleet.store`), so
+an original message that was merely slow is dropped once another has started the job.
 
 Keep the deadline well above the time a job may legitimately wait in the queue or run: a job
 re-published while its first message is still waiting loses nothing, but costs one more message.
