@@ -70,6 +70,14 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
+def answers(client: redis.Redis) -> bool:
+    """Whether a Redis that is starting accepts connections yet."""
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     binary = shutil.which("redis-server")
@@ -97,14 +105,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     )
     server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
     client = server.client()
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(answers, 10, "redis-server to answer")
+    wait_until(lambda: answers(client), 10, "redis-server to answer")
     yield server
     proc.terminate()
     proc.wait(timeout=10)
@@ -317,14 +318,7 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Re
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(answers, 10, "the private redis-server")
+    wait_until(lambda: answers(client), 10, "the private redis-server")
     yield client
     proc.terminate()
     proc.wait(timeout=10)

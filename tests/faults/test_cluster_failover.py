@@ -4,10 +4,7 @@ What was written (and replicated) before is still there, and jobs of every part 
 
 from __future__ import annotations
 
-import functools
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,92 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from redis.crc import key_slot
 
 from api.waiters import _ANCHOR
 from guardfleet.keys import JOB_NOTICES, id_tag, part_tags
-from tests.conftest import ApiServer, StartWorker, free_port, url_of, wait_until
+from tests.cluster import Cluster, master_of
+from tests.conftest import ApiServer, StartWorker, url_of, wait_until
 
 PARTS = 16
 
 
-class Cluster:
-    """Three masters sharing the slots, each with a replica."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ports = [free_port() for _ in range(6)]
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        for port in self.ports:
-            workdir = self.root / str(port)
-            workdir.mkdir()
-            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-            argv += ["--appendonly", "no", "--dir", str(workdir), "--cluster-enabled", "yes"]
-            argv += ["--cluster-port", str(free_port()), "--cluster-node-timeout", "1000"]
-            argv += ["--cluster-config-file", str(workdir / "nodes.conf")]
-            log = (self.root / f"{port}.log").open("wb")
-            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
-        for client in map(self.client, self.ports):
-            wait_until(functools.partial(_answers, client), 10, "a cluster node")
-        masters, replicas = self.ports[:3], self.ports[3:]
-        for i, port in enumerate(masters):
-            self.client(port).cluster("ADDSLOTSRANGE", i * 5462, min(16383, (i + 1) * 5462 - 1))
-        first = self.client(masters[0])
-        for port in self.ports[1:]:
-            bus = int(str(self.client(port).config_get("cluster-port")["cluster-port"]))
-            first.cluster("MEET", "127.0.0.1", port, bus)
-        wait_until(
-            lambda: all(len(self._nodes(p)) == 6 for p in self.ports), 30, "the nodes to meet"
-        )
-        for master, replica in zip(masters, replicas, strict=True):
-            self.client(replica).cluster("REPLICATE", self.client(master).cluster("MYID"))
-        wait_until(self._healthy, 60, "the cluster, its replicas in sync")
-
-    def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2)
-
-    def _nodes(self, port: int) -> list[str]:
-        raw = self.client(port).execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        return [line for line in text.splitlines() if line]
-
-    def _healthy(self) -> bool:
-        for port in self.ports:
-            if self.client(port).cluster("INFO")["cluster_state"] != "ok":
-                return False
-        return all(
-            self.client(p).info("replication").get("master_link_status") == "up"
-            for p in self.ports[3:]
-        )
-
-    def promoted(self, dead: int) -> bool:
-        """Whether a surviving node says the cluster is whole again without `dead`."""
-        try:
-            alive = [p for p in self.ports if p != dead]
-            return all(self.client(p).cluster("INFO")["cluster_state"] == "ok" for p in alive)
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-            proc.wait(timeout=10)
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    found = Cluster(tmp_path)
+    found = Cluster(tmp_path, masters=3, replicas=True)
     try:
         found.start()
         yield found
@@ -108,18 +31,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         found.stop()
 
 
-def _master_of(channel: str) -> int:
-    """Which master holds the slot a channel name hashes to: where a cluster client's
-    subscription to it is connected."""
-    return key_slot(channel.encode()) // 5462
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "victim",
     [
-        pytest.param(_master_of(_ANCHOR), id="the master the API subscribes on"),
-        pytest.param(_master_of(JOB_NOTICES), id="the master the workers hear notices on"),
+        pytest.param(master_of(_ANCHOR, 3), id="the master the API subscribes on"),
+        pytest.param(master_of(JOB_NOTICES, 3), id="the master the workers hear notices on"),
     ],
 )
 def test_the_fleet_follows_a_cluster_failover(

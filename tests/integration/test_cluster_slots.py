@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -36,12 +34,12 @@ from guardfleet.replies import as_text
 from guardfleet.schemas import Batch, ClassifyRequest, Job, JobStatus
 from guardfleet.settings import Settings
 from guardfleet.store import AsyncJobStore, JobStore
+from tests.cluster import Cluster
 from tests.conftest import (
     ApiServer,
     RedisServer,
     StartWorker,
     db_url,
-    free_port,
     url_of,
     wait_until,
     webhook_receiver,
@@ -54,62 +52,20 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    port, workdir = free_port(), tmp_path_factory.mktemp("cluster")
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
-    argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf")]
-    # The cluster bus defaults to the port + 10000, past 65535 for much of the ephemeral range
-    # free_port draws from (the server then refuses to start): give it a port of its own.
-    argv += ["--cluster-port", str(free_port())]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    wait_until(lambda: _answers(client), 10, "the cluster-mode redis-server")
-    client.cluster("ADDSLOTSRANGE", 0, 16383)
-    wait_until(lambda: client.cluster("INFO")["cluster_state"] == "ok", 20, "the cluster")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+    """One cluster-mode server holding every slot itself."""
+    one = Cluster(tmp_path_factory.mktemp("cluster"), masters=1)
+    one.start()
+    yield one.urls[0]
+    one.stop()
 
 
 @pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """Three masters sharing the slots: the URLs of their nodes, the first one the seed."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    procs, ports, buses = [], [free_port() for _ in range(3)], [free_port() for _ in range(3)]
-    for port, bus in zip(ports, buses, strict=True):
-        workdir = tmp_path_factory.mktemp(f"node{port}")
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--dir", str(workdir), "--cluster-enabled", "yes", "--cluster-port", str(bus)]
-        argv += ["--cluster-config-file", str(workdir / "nodes.conf")]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
-    nodes = [redis.Redis(port=port) for port in ports]
-    for node in nodes:
-        wait_until(lambda node=node: _answers(node), 10, "a cluster node")  # type: ignore[misc]
-    for i, node in enumerate(nodes):
-        node.cluster("ADDSLOTSRANGE", i * 5462, min(16383, (i + 1) * 5462 - 1))
-    for port, bus in zip(ports[1:], buses[1:], strict=True):
-        nodes[0].cluster("MEET", "127.0.0.1", port, bus)
-    wait_until(
-        lambda: (
-            all(n.cluster("INFO")["cluster_state"] == "ok" for n in nodes)
-            and all(int(n.cluster("INFO")["cluster_known_nodes"]) == 3 for n in nodes)
-        ),
-        30,
-        "the three-node cluster",
-    )
-    yield [f"redis://127.0.0.1:{port}/0" for port in ports]
-    for proc in procs:
-        proc.terminate()
-        proc.wait(timeout=10)
+    three = Cluster(tmp_path_factory.mktemp("cluster3"), masters=3)
+    three.start()
+    yield three.urls
+    three.stop()
 
 
 def _cross_slot_refusals(*urls: str) -> int:
