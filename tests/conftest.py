@@ -22,9 +22,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import redis.cluster
+from fastapi.testclient import TestClient
 
 from guardfleet.keys import worker_key
 from guardfleet.queueing import make_celery, publish_jobs, queue_for
@@ -58,6 +60,18 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, every: fl
             return
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_for_batch(
+    http: httpx.Client | TestClient, batch_id: str, timeout: float, what: str = ""
+) -> None:
+    """Wait until the API (a live one or a `TestClient`) reports the batch `completed`."""
+
+    def completed() -> bool:
+        status: str = http.get(f"/v1/batches/{batch_id}").json()["status"]
+        return status == "completed"
+
+    wait_until(completed, timeout, what or f"batch {batch_id} to complete")
 
 
 @dataclass

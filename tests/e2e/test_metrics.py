@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ApiServer, StartWorker, free_port, wait_until
+from tests.conftest import ApiServer, StartWorker, free_port, wait_for_batch, wait_until
 
 pytestmark = pytest.mark.e2e
 StartApi = Callable[..., ApiServer]
@@ -75,11 +75,7 @@ def test_the_api_and_a_worker_report_what_happened(
         assert (
             http.post("/v1/classify", json={"prompt": "How do I steal a car?"}).status_code == 200
         )
-        wait_until(
-            lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
-            60,
-            "the batch to complete",
-        )
+        wait_for_batch(http, batch["id"], 60, "the batch to complete")
 
     after = scrape(f"{api.url}/metrics")
     assert value(after, "guardfleet_queue_depth", lane="bulk") == 0

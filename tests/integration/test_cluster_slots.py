@@ -41,6 +41,7 @@ from tests.conftest import (
     StartWorker,
     db_url,
     url_of,
+    wait_for_batch,
     wait_until,
     webhook_receiver,
 )
@@ -257,11 +258,7 @@ def test_a_fleet_on_a_cluster_mode_store(
         )
         assert chat.status_code == 200 and "[DONE]" in chat.text, chat.text
         batch = http.post("/v1/batches", content=lines).json()
-        wait_until(
-            lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
-            120,
-            "the batch to complete",
-        )
+        wait_for_batch(http, batch["id"], 120, "the batch to complete")
         assert http.get("/v1/health/ready").status_code == 200
         # Six jobs, a sync call, a chat and five items, counted in the parts they ran in.
         assert (

@@ -21,6 +21,7 @@ from tests.conftest import (
     Worker,
     db_url,
     free_port,
+    wait_for_batch,
     wait_until,
     webhook_receiver,
 )
@@ -237,11 +238,7 @@ def test_everything_a_running_fleet_stores_expires(
             )
             batch = client.post("/v1/batches", content=lines).json()
             wait_until(lambda: len(received) == 1, 60, "the job's webhook")
-            wait_until(
-                lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
-                60,
-                "the batch to complete",
-            )
+            wait_for_batch(client, batch["id"], 60, "the batch to complete")
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
             # The workers' heartbeats and registry live as long as the workers do.
             ours = [

@@ -12,7 +12,14 @@ import httpx
 import redis
 
 from guardfleet.keys import BROKER_ID, QUEUE_BULK, QUEUE_INTERACTIVE, stats
-from tests.conftest import ApiServer, RedisServer, StartWorker, db_url, url_of, wait_until
+from tests.conftest import (
+    ApiServer,
+    RedisServer,
+    StartWorker,
+    db_url,
+    url_of,
+    wait_for_batch,
+)
 
 # The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
 STATS = stats("00")
@@ -54,11 +61,7 @@ def test_a_fleet_with_its_broker_apart_from_its_store(
             for n in range(5)
         )
         batch = http.post("/v1/batches", content=lines).json()
-        wait_until(
-            lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed",
-            120,
-            "the batch, fanned out to the broker, to complete",
-        )
+        wait_for_batch(http, batch["id"], 120, "the batch, fanned out to the broker, to complete")
         assert http.get("/v1/health/ready").status_code == 200
     finally:
         worker.stop()
