@@ -63,15 +63,15 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, every: fl
 
 
 def wait_for_batch(
-    http: httpx.Client | TestClient, batch_id: str, timeout: float, what: str = ""
+    http: httpx.Client | TestClient, batch_id: str, status: str, timeout: float, what: str = ""
 ) -> None:
-    """Wait until the API (a live one or a `TestClient`) reports the batch `completed`."""
+    """Wait until the API (a live one or a `TestClient`) reports the batch in `status`."""
 
-    def completed() -> bool:
-        status: str = http.get(f"/v1/batches/{batch_id}").json()["status"]
-        return status == "completed"
+    def reached() -> bool:
+        found: str = http.get(f"/v1/batches/{batch_id}").json()["status"]
+        return found == status
 
-    wait_until(completed, timeout, what or f"batch {batch_id} to complete")
+    wait_until(reached, timeout, what or f"batch {batch_id} to be {status}")
 
 
 @dataclass

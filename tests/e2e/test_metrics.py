@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ApiServer, StartWorker, free_port, wait_for_batch, wait_until
+from tests.conftest import ApiServer, StartWorker, free_port, wait_for_batch
 
 pytestmark = pytest.mark.e2e
 StartApi = Callable[..., ApiServer]
@@ -51,10 +51,8 @@ def test_the_api_and_a_worker_report_what_happened(
         )
         batch = http.post("/v1/batches", content=lines).json()
         start_worker("measured-hooks@test", wait=False, db=db, module="worker.delivery")
-        wait_until(
-            lambda: http.get(f"/v1/batches/{batch['id']}").json()["status"] == "in_progress",
-            30,
-            "the delivery worker to queue the batch",
+        wait_for_batch(
+            http, batch["id"], "in_progress", 30, "the delivery worker to queue the batch"
         )
         time.sleep(1.2)
         before = scrape(f"{api.url}/v1/metrics")  # no worker yet: the job waits on its lane
@@ -75,7 +73,7 @@ def test_the_api_and_a_worker_report_what_happened(
         assert (
             http.post("/v1/classify", json={"prompt": "How do I steal a car?"}).status_code == 200
         )
-        wait_for_batch(http, batch["id"], 60, "the batch to complete")
+        wait_for_batch(http, batch["id"], "completed", 60, "the batch to complete")
 
     after = scrape(f"{api.url}/metrics")
     assert value(after, "guardfleet_queue_depth", lane="bulk") == 0

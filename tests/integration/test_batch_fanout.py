@@ -19,7 +19,7 @@ from guardfleet.keys import (
     stats,
 )
 from guardfleet.settings import Settings
-from tests.conftest import RedisServer, StartWorker, db_url, url_of, wait_until
+from tests.conftest import RedisServer, StartWorker, db_url, url_of, wait_for_batch, wait_until
 
 # The store in one part (GUARDFLEET_STORE_PARTS=1, the default): its keys.
 STATS = stats("00")
@@ -29,14 +29,6 @@ BATCHES_DUE = batches_due("00")
 def _lines(count: int, prompt: str = "How do I fold a fitted sheet?") -> str:
     return "".join(
         json.dumps({"custom_id": f"i{n}", "prompt": prompt}) + "\n" for n in range(count)
-    )
-
-
-def _until_cancelled(client: TestClient, batch_id: str, within_s: float) -> None:
-    wait_until(
-        lambda: client.get(f"/v1/batches/{batch_id}").json()["status"] == "cancelled",
-        within_s,
-        "the delivery worker to cancel every item",
     )
 
 
@@ -105,7 +97,9 @@ def test_a_batch_cancelled_before_it_was_queued_has_every_item_cancelled(
         assert client.post(f"/v1/batches/{batch['id']}/cancel").status_code == 409
         hooks = start_worker("cancel-fanout@test", wait=False, db=db, module="worker.delivery")
         try:
-            _until_cancelled(client, batch["id"], 30)
+            wait_for_batch(
+                client, batch["id"], "cancelled", 30, "the delivery worker to cancel every item"
+            )
         finally:
             hooks.stop()
         done = _assert_all_cancelled(client, batch["id"], 50)
@@ -141,7 +135,9 @@ def test_a_batch_cancelled_mid_fan_out_has_every_item_cancelled_once(
             assert cancel.status_code == 200, cancel.text
             queued_when_cancelled = int(plain.hget(cursor, "cursor") or 0)
             assert queued_when_cancelled < items, "the fan-out ended before the cancel"
-            _until_cancelled(client, batch["id"], 120)
+            wait_for_batch(
+                client, batch["id"], "cancelled", 120, "the delivery worker to cancel every item"
+            )
         finally:
             hooks.stop()
         _assert_all_cancelled(client, batch["id"], items)

@@ -226,11 +226,7 @@ def test_a_fleet_on_a_cluster_mode_store(
     # by the delivery worker in pipelined scripts.
     lines = "".join(json.dumps({"custom_id": f"i{n}", "prompt": "Hi"}) + "\n" for n in range(5))
     doomed = http.post("/v1/batches", content=lines).json()
-    wait_until(
-        lambda: http.get(f"/v1/batches/{doomed['id']}").json()["status"] == "in_progress",
-        60,
-        "the batch to be fanned out",
-    )
+    wait_for_batch(http, doomed["id"], "in_progress", 60, "the batch to be fanned out")
     assert http.post(f"/v1/batches/{doomed['id']}/cancel").status_code == 200
     wait_until(
         lambda: http.get(f"/v1/batches/{doomed['id']}").json()["request_counts"]["cancelled"] == 5,
@@ -258,7 +254,7 @@ def test_a_fleet_on_a_cluster_mode_store(
         )
         assert chat.status_code == 200 and "[DONE]" in chat.text, chat.text
         batch = http.post("/v1/batches", content=lines).json()
-        wait_for_batch(http, batch["id"], 120, "the batch to complete")
+        wait_for_batch(http, batch["id"], "completed", 120, "the batch to complete")
         assert http.get("/v1/health/ready").status_code == 200
         # Six jobs, a sync call, a chat and five items, counted in the parts they ran in.
         assert (

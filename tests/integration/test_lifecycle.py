@@ -151,19 +151,15 @@ def test_cancel_a_batch(redis_server: RedisServer, start_worker: StartWorker) ->
     with TestClient(create_app(Settings(redis_url=db_url(redis_server, db)))) as client:
         lines = "\n".join(json.dumps({"custom_id": str(i), "prompt": "hi"}) for i in range(20))
         batch = client.post("/v1/batches", content=lines).json()
-        wait_until(
-            lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "in_progress",
-            30,
-            "the delivery worker to queue the batch",
+        wait_for_batch(
+            client, batch["id"], "in_progress", 30, "the delivery worker to queue the batch"
         )
         cancelled = client.post(f"/v1/batches/{batch['id']}/cancel")
         assert cancelled.status_code == 200
         assert cancelled.json()["status"] in ("cancelling", "cancelled")  # the worker is quick
         # Nothing was running, so the delivery worker cancelling the queued items ends it.
-        wait_until(
-            lambda: client.get(f"/v1/batches/{batch['id']}").json()["status"] == "cancelled",
-            30,
-            "the delivery worker to cancel the queued items",
+        wait_for_batch(
+            client, batch["id"], "cancelled", 30, "the delivery worker to cancel the queued items"
         )
         body = client.get(f"/v1/batches/{batch['id']}").json()
         assert body["cancelling_at"] <= body["cancelled_at"]
@@ -238,7 +234,7 @@ def test_everything_a_running_fleet_stores_expires(
             )
             batch = client.post("/v1/batches", content=lines).json()
             wait_until(lambda: len(received) == 1, 60, "the job's webhook")
-            wait_for_batch(client, batch["id"], 60, "the batch to complete")
+            wait_for_batch(client, batch["id"], "completed", 60, "the batch to complete")
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
             # The workers' heartbeats and registry live as long as the workers do.
             ours = [

@@ -61,7 +61,9 @@ def test_a_fleet_with_its_broker_apart_from_its_store(
             for n in range(5)
         )
         batch = http.post("/v1/batches", content=lines).json()
-        wait_for_batch(http, batch["id"], 120, "the batch, fanned out to the broker, to complete")
+        wait_for_batch(
+            http, batch["id"], "completed", 120, "the batch, fanned out to the broker, to complete"
+        )
         assert http.get("/v1/health/ready").status_code == 200
     finally:
         worker.stop()
